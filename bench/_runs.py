@@ -1,0 +1,168 @@
+"""The one piece of code that turns "a student with these overrides" into a scored run.
+
+accuracy.py and ablate.py both call :func:`ensure_run` (train, or skip when the run
+directory already holds a finished run with the same spec hash, or resume a cut-off one from
+its checkpoint) and :func:`score_dir` (evaluate a student directory on val with the engine's
+own ``evaluate``, plus params and FLOPs). Runs live under ``runs/`` (gitignored), one
+directory per spec: ``<runs_dir>/<scale>/<name>-<spec hash[:10]>``, each a student directory
+that ``python -m pcd_core eval --model DIR`` can score on any split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bench._common import (
+    CAMVID,
+    CAMVID_CLASSES,
+    IGNORE_INDEX,
+    THIN_CLASSES,
+    Scale,
+    count_flops,
+    count_params,
+    write_json,
+)
+from pcd_core.cli import apply_overrides
+from pcd_core.progress import Callback, Progress
+from pcd_core.spec import RunSpec
+
+SCORE_FILE = "bench_val.json"
+
+
+def dataset_dict(scale: Scale) -> dict[str, Any]:
+    """CamVid at the scale's resolution. Scale range (0.75, 1.5): with frames already at
+    120x160, the engine's default 0.5 would fill a quarter of a crop with padding, which a
+    few hundred iterations from scratch cannot afford."""
+    return {
+        "uri": str(CAMVID), "format": "folder", "num_classes": len(CAMVID_CLASSES),
+        "ignore_index": IGNORE_INDEX, "class_names": CAMVID_CLASSES,
+        "resize": list(scale.resize) if scale.resize else None, "crop": list(scale.crop),
+        "scale_range": [0.75, 1.5], "hflip": True,
+    }
+
+
+def train_dict(scale: Scale, iterations: int, seed: int) -> dict[str, Any]:
+    """The shared schedule: SGD, poly decay, short linear warmup (from scratch, BN nets)."""
+    return {
+        "iterations": iterations, "batch_size": scale.batch_size, "optimizer": "sgd",
+        "lr": scale.lr, "momentum": 0.9, "weight_decay": 1e-4, "poly_power": 0.9,
+        "warmup_iterations": max(1, iterations // 20), "amp": scale.amp,
+        "eval_every": scale.eval_every, "checkpoint_every": max(25, iterations // 6),
+        "log_every": 10, "seed": seed, "num_workers": scale.num_workers,
+        "eval_batch_size": 8,
+    }
+
+
+def teacher_spec(scale: Scale, arch: str) -> RunSpec:
+    """Teacher: plain CE with an aux head (torchvision's recipe), trained once, seed 0."""
+    return RunSpec.model_validate({
+        "name": f"teacher-{arch}", "dataset": dataset_dict(scale),
+        "student": {"arch": arch, "output_stride": scale.output_stride, "aux": True},
+        "method": {"name": "none"},
+        "train": train_dict(scale, scale.teacher_iterations, 0),
+    })
+
+
+def student_spec(scale: Scale, arch: str, method: str, seed: int, teacher_arch: str,
+                 teacher_dir: Path, overrides: Mapping[str, Any] | None = None,
+                 name: str | None = None) -> RunSpec:
+    """A student run; ``overrides`` are dotted keys like the CLI's ``--set``
+    (``method.score=fisher``). Every method gets the same data, budget and schedule."""
+    data: dict[str, Any] = {
+        "name": name or f"{arch}-{method}-s{seed}", "dataset": dataset_dict(scale),
+        "student": {"arch": arch, "output_stride": scale.output_stride},
+        "method": {"name": method},
+        "train": train_dict(scale, scale.student_iterations, seed),
+    }
+    if method != "none":
+        data["teacher"] = {"arch": teacher_arch, "output_stride": scale.output_stride,
+                           "checkpoint": str(teacher_dir)}
+    pairs = [f"{k}={json.dumps(v)}" for k, v in (overrides or {}).items()]
+    return RunSpec.model_validate(apply_overrides(data, pairs))
+
+
+def run_dir(runs_dir: Path, scale: Scale, spec: RunSpec) -> Path:
+    return runs_dir / scale.name / f"{spec.name}-{spec.spec_hash()[:10]}"
+
+
+def is_finished(out: Path, spec: RunSpec) -> bool:
+    """A finished run: metrics.json for this exact spec hash and the exported weights."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file() or not (out / "student.safetensors").is_file():
+        return False
+    return json.loads(metrics.read_text()).get("spec_hash") == spec.spec_hash()
+
+
+class LogCallback(Callback):
+    """One line per ``log_every`` iterations, so a nohup log shows a run's pulse."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def on_progress(self, progress: Progress) -> None:
+        losses = " ".join(f"{k}={v:.3f}" for k, v in progress.losses.items())
+        print(f"[{time.strftime('%H:%M:%S')}] {self.tag} {progress.phase} "
+              f"{progress.iteration}/{progress.max_iterations} {losses} "
+              f"{progress.images_per_s or 0:.1f} img/s", flush=True)
+
+
+def ensure_run(spec: RunSpec, out: Path) -> dict[str, Any]:
+    """Train ``spec`` into ``out`` unless already finished; resume a cut-off run.
+
+    Returns ``metrics.json``. Only ONNX export is skipped (safetensors + TorchScript are
+    written): export_speed.py exports on its own, and the ONNX parity check costs a run
+    on these CPUs more than a minute.
+    """
+    from pcd_core.train import run
+
+    if is_finished(out, spec):
+        print(f"[bench] skip {out} (finished)", flush=True)
+        return json.loads((out / "metrics.json").read_text())
+    resume = "auto" if (out / "checkpoints").is_dir() else None
+    print(f"[bench] {'resume' if resume else 'start'} {out}", flush=True)
+    run(spec, out, callbacks=[LogCallback(spec.name)], resume=resume, device="cpu"
+        if not _cuda() else None, export_formats=("safetensors",))
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def score_dir(out: Path, scale: Scale) -> dict[str, Any]:
+    """Val metrics of a student directory by the engine's ``evaluate``, with the thin-class
+    mean, params and FLOPs at the eval resolution; cached in ``bench_val.json``."""
+    cache = out / SCORE_FILE
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    import torch
+
+    from pcd_core.distributed import DistInfo
+    from pcd_core.evaluate import build_eval_dataset, evaluate
+    from pcd_core.export import load_student
+    from pcd_core.spec import DatasetSpec
+
+    model, meta = load_student(out)
+    ds = build_eval_dataset(DatasetSpec.model_validate(dataset_dict(scale)), "val", None)
+    device = torch.device("cuda" if _cuda() else "cpu")
+    t0 = time.perf_counter()
+    m = evaluate(model.to(device), ds, num_classes=len(CAMVID_CLASSES),
+                 ignore_index=IGNORE_INDEX, batch_size=8,
+                 info=DistInfo(0, 1, 0, device), class_names=CAMVID_CLASSES)
+    iou = m["per_class_iou"]
+    doc = {
+        "miou": m["miou"], "per_class_iou": iou, "boundary_f": m["boundary_f"],
+        "pixel_acc": m["pixel_acc"], "thin_miou": sum(iou[c] for c in THIN_CLASSES) / 4,
+        "params": count_params(model.cpu()), "flops": count_flops(model.cpu(), scale.eval_hw),
+        "eval_hw": list(scale.eval_hw), "eval_s": time.perf_counter() - t0,
+        "arch": meta["arch"],
+    }
+    write_json(cache, doc)
+    return doc
+

@@ -1,0 +1,152 @@
+"""Each PCD choice against its alternatives, same teacher, budget and seeds as accuracy.py.
+
+    python bench/ablate.py --scale cpu --groups score match --seeds 0 1
+    python bench/ablate.py --scale cpu                       # every group (long)
+    python bench/ablate.py --scale cpu --table-only
+
+The default PCD run of each seed IS accuracy.py's PCD run (same spec, same hash, reused),
+so every alternative is compared with it under identical data order and budget. Runs go
+through ``bench/_runs.ensure_run`` (skip finished, resume cut-off) like the accuracy table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (
+    SCALES,
+    TEACHERS,
+    machine_facts,
+    markdown_table,
+    mean_spread,
+    write_json,
+)
+from bench._runs import (
+    ensure_run,
+    run_dir,
+    score_dir,
+    student_spec,
+    teacher_spec,
+)
+
+# group -> alternatives as spec overrides; the first entry of each group is the default.
+GROUPS: dict[str, list[dict[str, Any]]] = {
+    "score": [{}, {"method.score": "fisher"}, {"method.score": "l1"},
+              {"method.score": "random"}],
+    "keep": [{}, {"method.keep": 192}, {"method.keep": 256}],
+    "match": [{}, {"method.match": "identity"}],
+    "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
+    "score_weighting": [{}, {"method.score_weighting": True}],
+    "tap": [{}, {"method.tap": "backbone"}],
+    "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}],
+    "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
+    "logit_kd": [{}, {"method.logit_kd_weight": 1.0}],
+}
+
+
+def variant_name(student: str, overrides: dict[str, Any], seed: int) -> str | None:
+    """None for the default (so the spec, and its hash, equal accuracy.py's PCD run)."""
+    if not overrides:
+        return None
+    tag = "-".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
+    return f"{student}-pcd-{tag}-s{seed}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--student", default="deeplabv3_resnet18")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
+    p.add_argument("--out", type=Path, help="default bench/results/ablate_<scale>.json")
+    p.add_argument("--table-only", action="store_true")
+    return p.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
+    """(group, overrides, seed): seeds inner, so each alternative completes both seeds."""
+    return [(g, ov, seed) for g in args.groups for ov in GROUPS[g] for seed in args.seeds]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    scale = SCALES[args.scale]
+    t_arch = TEACHERS[args.scale]
+    t_spec = teacher_spec(scale, t_arch)
+    t_dir = run_dir(args.runs_dir, scale, t_spec)
+    if not args.table_only:
+        ensure_run(t_spec, t_dir)
+        for _group, ov, seed in plan(args):
+            spec = student_spec(scale, args.student, "pcd", seed, t_arch, t_dir, ov,
+                                name=variant_name(args.student, ov, seed))
+            ensure_run(spec, run_dir(args.runs_dir, scale, spec))
+            report(args, scale, t_dir, t_arch)
+    return report(args, scale, t_dir, t_arch)
+
+
+def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> list[dict]:
+    rows = []
+    for group in args.groups:
+        for ov in GROUPS[group]:
+            scores = []
+            for seed in args.seeds:
+                spec = student_spec(scale, args.student, "pcd", seed, t_arch, t_dir, ov,
+                                    name=variant_name(args.student, ov, seed))
+                d = run_dir(args.runs_dir, scale, spec)
+                if (d / "metrics.json").is_file():
+                    m = json.loads((d / "metrics.json").read_text())
+                    scores.append({"seed": seed, "dir": str(d), "wall_s": m.get("wall_s"),
+                                   **score_dir(d, scale)})
+            rows.append({"group": group, "overrides": ov or "default", "runs": scores})
+    ce = []
+    for seed in args.seeds:
+        spec = student_spec(scale, args.student, "none", seed, t_arch, t_dir)
+        d = run_dir(args.runs_dir, scale, spec)
+        if (d / "metrics.json").is_file():
+            ce.append(score_dir(d, scale))
+    ce_miou = mean_spread([100 * r["miou"] for r in ce])[0] if ce else None
+    for row in rows:
+        row["miou"], row["miou_spread"] = mean_spread([100 * r["miou"] for r in row["runs"]])
+        row["thin"], row["thin_spread"] = mean_spread([100 * r["thin_miou"]
+                                                      for r in row["runs"]])
+        row["gain_vs_ce"] = row["miou"] - ce_miou if ce_miou is not None else None
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    body = []
+    for r in rows:
+        ov = r["overrides"]
+        label = "default" if ov == "default" else ", ".join(f"{k}={v}" for k, v in ov.items())
+        seeds = ",".join(str(x["seed"]) for x in r["runs"]) or "-"
+        gain = "" if r["gain_vs_ce"] is None or not r["runs"] else f"{r['gain_vs_ce']:+.2f}"
+        miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
+        thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
+        body.append([r["group"], label, seeds, miou, gain, thin])
+    return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE", "thin mIoU"], body)
+
+
+def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:
+    rows = collect(args, scale, t_dir, t_arch)
+    doc = {"scale": scale.name, "scale_config": scale, "student": args.student,
+           "seeds": args.seeds, "machine": machine_facts(),
+           "command": "python bench/ablate.py " + " ".join(sys.argv[1:]),
+           "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
+    out = args.out or Path(f"bench/results/ablate_{scale.name}.json")
+    write_json(out, doc)
+    print(render(rows), flush=True)
+    print(f"\nwrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

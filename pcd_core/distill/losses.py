@@ -1,0 +1,70 @@
+"""Loss functions shared by the methods: pixel-wise logit KD and channel-wise spatial KL.
+
+All losses compute in float32 whatever the input dtype (AMP may hand bf16/fp16 features):
+softmax, log and the KL sum are where low precision hurts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize of ``x`` (B,C,h,w) to ``size``; a no-op (no copy) when already there."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=list(size), mode="bilinear", align_corners=False)
+
+
+def valid_mask(target: Tensor, ignore_index: int, size: Sequence[int]) -> Tensor:
+    """Bool (B,H,W) of labelled pixels, with the labels nearest-resized to ``size`` if needed."""
+    if tuple(target.shape[-2:]) != tuple(size):
+        resized = F.interpolate(target[:, None].float(), size=list(size), mode="nearest")
+        target = resized[:, 0].long()
+    return target != ignore_index
+
+
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, target: Tensor, *, tau: float, ignore_index: int
+) -> Tensor:
+    """Pixel-wise logit KD (Hinton et al., per pixel).
+
+    KL(softmax(t/tau) || softmax(s/tau)) summed over classes, averaged over the pixels whose
+    label is not ``ignore_index``, times tau^2 (so gradients keep their scale as tau grows).
+    Void pixels do not contribute: their teacher predictions are unsupervised guesses.
+    Returns a scalar; 0 (still attached to the graph) when no pixel is labelled.
+    """
+    s = resize_to(student_logits, tuple(teacher_logits.shape[-2:]))  # (B,K,H,W)
+    log_s = F.log_softmax(s.float() / tau, dim=1)
+    log_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)  # (B,H,W)
+    mask = valid_mask(target, ignore_index, tuple(kl.shape[-2:]))
+    n = mask.sum().clamp_min(1)
+    return (kl * mask).sum() / n * tau**2
+
+
+def spatial_kl(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
+    """Per-channel KL between spatial softmaxes, times tau^2: the core of CWD and PCD.
+
+    ``student`` and ``teacher`` are (B,C,h,w) with the same shape; each channel map is turned
+    into a distribution over its h*w locations with softmax(x/tau), and
+    KL(teacher || student) is summed over locations. Returns (B,C) so callers choose the
+    reduction (plain mean for CWD, score-weighted mean for PCD).
+    """
+    b, c = student.shape[:2]
+    log_s = F.log_softmax(student.float().reshape(b, c, -1) / tau, dim=-1)  # (B,C,h*w)
+    log_t = F.log_softmax(teacher.float().reshape(b, c, -1) / tau, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=-1) * tau**2  # (B,C)
+
+
+def l2_normalised_maps(x: Tensor) -> Tensor:
+    """(B,C,h,w) -> (C, B*h*w): each channel's maps over the batch as one unit vector."""
+    c = x.shape[1]
+    flat = x.float().transpose(0, 1).reshape(c, -1)
+    return F.normalize(flat, dim=1)
+
+
+__all__ = ["kd_loss", "l2_normalised_maps", "resize_to", "spatial_kl", "valid_mask"]

@@ -1,0 +1,247 @@
+"""PCD (prune channel and distill), as DESIGN.md reconstructs it.
+
+1. Scoring pass (``prepare``): the frozen teacher runs over ``score_batches`` batches and every
+   teacher tap channel gets a discriminative score (see :mod:`pcd_core.distill.scoring`).
+2. Prune: keep the top-K channels by score (K = ``keep``, default the student's width).
+3. Match: each student channel is assigned a distinct kept channel, by maximum total cosine
+   similarity of their spatial maps on the current batch (Hungarian), recomputed every
+   ``rematch_every`` iterations; or by index order (``identity``). No adapter: the student's
+   own channels learn.
+4. Loss: per matched pair, spatial softmax with temperature tau and KL(teacher || student)
+   times tau^2, averaged over pairs and batch (optionally weighted by the teacher channel's
+   normalised score), times ``weight``; plus optional logit KD.
+
+Spatial sizes: the student feature is bilinearly resized to the TEACHER's size, whichever is
+larger; the teacher is the target and stays untouched (and detached).
+
+State for an exact resume (``state_dict`` buffers): ``scores`` (Ct,), ``kept`` (K,),
+``assignment`` (Cs,) teacher channel per student channel, ``prepared`` and
+``match_iteration``. Python mirrors of the last two avoid a device sync every step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pcd_core.distill.base import DistillMethod, register_method
+from pcd_core.distill.losses import kd_loss, resize_to, spatial_kl
+from pcd_core.distill.matching import hungarian, map_similarity
+from pcd_core.distill.scoring import ChannelClassStats, channel_scores
+from pcd_core.spec import MethodSpec
+
+
+@register_method("pcd")
+class PCD(DistillMethod):
+    """Prune teacher channels by discriminative score, match them to student channels, distil.
+
+    ``rematched`` (bool) and ``info`` (dict) tell, after each ``forward``, whether the matching
+    was recomputed in that call and how long it took, so the loop and the bench can log it.
+    """
+
+    scores: Tensor
+    kept: Tensor
+    assignment: Tensor
+    prepared: Tensor
+    match_iteration: Tensor
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        *,
+        teacher_channels: int,
+        student_channels: int,
+        num_classes: int,
+        ignore_index: int,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            spec,
+            teacher_channels=teacher_channels,
+            student_channels=student_channels,
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+        )
+        k = spec.keep if spec.keep is not None else student_channels
+        if k < student_channels:
+            raise ValueError(
+                f"PCD keep={k} < student channels {student_channels}: every student channel "
+                f"needs its own distinct teacher channel, so keep must be >= {student_channels}"
+            )
+        if k > teacher_channels:
+            raise ValueError(
+                f"PCD keep={k} > teacher channels {teacher_channels} at tap {spec.tap!r}; "
+                f"cannot keep more channels than the teacher has"
+            )
+        self.keep = k
+        self.seed = seed  # for score="random"
+        self.register_buffer("scores", torch.zeros(teacher_channels))  # (Ct,) float32
+        self.register_buffer("kept", torch.arange(k))  # (K,) teacher channels, score-descending
+        self.register_buffer("assignment", torch.arange(student_channels))  # (Cs,) teacher ch
+        self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("match_iteration", torch.full((), -1, dtype=torch.long))
+        self._prepared = False
+        self._match_iter: int | None = None  # None: never matched, so the next forward matches
+        self.rematched = False
+        self.info: dict[str, Any] = {"rematched": False}
+        self.register_load_state_dict_post_hook(PCD._sync_mirrors)
+
+    @staticmethod
+    def _sync_mirrors(module: nn.Module, incompatible_keys: Any) -> None:
+        """After ``load_state_dict``: refresh the Python copies of the scalar buffers."""
+        assert isinstance(module, PCD)
+        module._prepared = bool(module.prepared)
+        it = int(module.match_iteration)
+        module._match_iter = None if it < 0 else it
+
+    # -- scoring and pruning ---------------------------------------------------------------
+
+    def prepare(
+        self,
+        teacher: nn.Module,
+        batches: Iterable[tuple[Tensor, Tensor]],
+        device: torch.device | str,
+        *,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Score the teacher's tap channels over ``score_batches`` batches and prune.
+
+        The teacher runs in eval mode under ``no_grad`` and its training flag is restored
+        afterwards: it is never mutated. When the state was already restored from a
+        checkpoint (``prepared``), this is skipped unless ``force``, so a resume keeps the
+        exact scores, kept channels and matching of the run it continues.
+        """
+        if self._prepared and not force:
+            return {"skipped": True, "kept": self.keep}
+        t0 = time.perf_counter()
+        stats = ChannelClassStats(
+            self.teacher_channels, self.num_classes, self.ignore_index, torch.device(device)
+        )
+        n_batches = 0
+        was_training = teacher.training
+        teacher.eval()
+        try:
+            with torch.no_grad():
+                for img, label in batches:
+                    if n_batches >= self.spec.score_batches:
+                        break
+                    out = teacher(img.to(device, non_blocking=True))
+                    stats.update(out[self.tap_key], label.to(device, non_blocking=True))
+                    n_batches += 1
+        finally:
+            teacher.train(was_training)
+        if n_batches == 0:
+            raise ValueError("PCD scoring pass got no batches (is the training set empty?)")
+        stats.all_reduce()
+        scores = channel_scores(stats, self.spec.score, seed=self.seed)
+        self.set_scores(scores)
+        kept_scores = scores[self.kept.cpu()]
+        return {
+            "score": self.spec.score,
+            "batches": n_batches,
+            "pixels": int(stats.counts.sum()),
+            "classes_present": int(stats.present().sum()),
+            "teacher_channels": self.teacher_channels,
+            "kept": self.keep,
+            "score_max": float(scores.max()),
+            "score_min": float(scores.min()),
+            "kept_score_mean": float(kept_scores.mean()),
+            "seconds": time.perf_counter() - t0,
+        }
+
+    @torch.no_grad()
+    def set_scores(self, scores: Tensor) -> None:
+        """Install channel scores (Ct,), prune to the top K and reset the matching.
+
+        ``prepare`` calls this; tests and the bench may call it directly with known scores.
+        Ties are broken by channel index (stable sort), so pruning is deterministic.
+        """
+        if scores.shape != (self.teacher_channels,):
+            raise ValueError(
+                f"scores must have shape ({self.teacher_channels},), got {tuple(scores.shape)}"
+            )
+        self.scores.copy_(scores)
+        order = torch.argsort(scores.detach().cpu().double(), descending=True, stable=True)
+        self.kept.copy_(order[: self.keep])
+        self.assignment.copy_(self.kept[: self.student_channels])  # identity until matched
+        self.prepared.fill_(True)
+        self.match_iteration.fill_(-1)
+        self._prepared, self._match_iter = True, None
+
+    # -- matching ----------------------------------------------------------------------------
+
+    def _should_rematch(self, iteration: int) -> bool:
+        """First forward after pruning, then at every multiple of ``rematch_every`` (once)."""
+        if self.spec.match == "identity":
+            return False  # set by set_scores and never changes
+        if self._match_iter is None:
+            return True
+        return iteration % self.spec.rematch_every == 0 and iteration != self._match_iter
+
+    @torch.no_grad()
+    def rematch(self, student_feat: Tensor, teacher_feat: Tensor, iteration: int) -> None:
+        """Hungarian matching on this batch: student (B,Cs,h,w) vs full teacher (B,Ct,h,w)."""
+        t0 = time.perf_counter()
+        t_kept = teacher_feat.index_select(1, self.kept)  # (B,K,h,w)
+        sim = map_similarity(student_feat, t_kept)  # (Cs,K)
+        cols = hungarian(sim).to(self.kept.device)  # (Cs,) indices into kept
+        self.assignment.copy_(self.kept.index_select(0, cols))
+        self.match_iteration.fill_(iteration)
+        self._match_iter = iteration
+        matched = sim.gather(1, cols[:, None].to(sim.device))
+        self.info = {
+            "rematched": True,
+            "rematch_s": time.perf_counter() - t0,
+            "match_similarity": float(matched.mean()),
+        }
+
+    # -- loss --------------------------------------------------------------------------------
+
+    def pair_weights(self) -> Tensor:
+        """(Cs,) matched teacher channels' scores divided by their mean (mean weight = 1)."""
+        s = self.scores.index_select(0, self.assignment).clamp_min(0)
+        mean = s.mean()
+        return torch.where(mean > 0, s / mean.clamp_min(1e-12), torch.ones_like(s))
+
+    def forward(
+        self,
+        student_out: dict[str, Tensor],
+        teacher_out: dict[str, Tensor] | None,
+        target: Tensor,
+        iteration: int,
+    ) -> dict[str, Tensor]:
+        if not self._prepared:
+            raise RuntimeError("PCD.prepare() (the scoring pass) must run before training")
+        t = self._teacher(teacher_out, self.tap_key)  # (B,Ct,h,w)
+        s = student_out[self.tap_key]  # (B,Cs,h',w')
+        if t.shape[1] != self.teacher_channels or s.shape[1] != self.student_channels:
+            raise ValueError(
+                f"PCD built for teacher/student channels {self.teacher_channels}/"
+                f"{self.student_channels} at {self.tap_key!r}, got {t.shape[1]}/{s.shape[1]}"
+            )
+        s = resize_to(s, tuple(t.shape[-2:]))  # (B,Cs,h,w)
+        self.rematched = self._should_rematch(iteration)
+        if self.rematched:
+            self.rematch(s.detach(), t, iteration)
+        else:
+            self.info = {"rematched": False}
+        t_matched = t.index_select(1, self.assignment)  # (B,Cs,h,w)
+        kl = spatial_kl(s, t_matched, self.spec.tau)  # (B,Cs)
+        if self.spec.score_weighting:
+            kl = kl * self.pair_weights()
+        losses = {"pcd": self.spec.weight * kl.mean()}
+        if self.spec.logit_kd_weight > 0:
+            t_logits = self._teacher(teacher_out, "out")
+            kd = kd_loss(
+                student_out["out"],
+                t_logits,
+                target,
+                tau=self.spec.tau,
+                ignore_index=self.ignore_index,
+            )
+            losses["kd"] = self.spec.logit_kd_weight * kd
+        return losses

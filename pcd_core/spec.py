@@ -1,0 +1,174 @@
+"""The run specification: what a distillation (or plain training) run is.
+
+One spec describes a run whether it comes from ``python -m pcd_core distill --spec`` or from
+``POST /jobs`` (``jobs.spec.JobSpec`` extends :class:`RunSpec` with service-only fields), so a
+job and a CLI run are the same thing and are validated by the same code.
+
+This module is torch-free on purpose: the API process imports it to answer 422s without
+loading torch. Every PCD design choice is a field here so that ablations need no code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pcd_core.models.catalog import model_names, split_arch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a misspelt ``rematch_evry`` must not silently use a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    """Where the data is and how to read it."""
+
+    uri: str = Field(description="Local path, file://, s3:// or upload:<id> (service only).")
+    format: Literal["folder", "cityscapes", "voc", "synthetic"] = "folder"
+    num_classes: int = Field(ge=2, le=1024)
+    ignore_index: int = Field(default=255, ge=0, le=65535)
+    class_names: list[str] | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    # Frames are first resized to ``resize`` (H, W) if given (e.g. half resolution for the CPU
+    # benchmark), then randomly scaled by ``scale_range`` and cropped to ``crop`` (H, W).
+    resize: tuple[PositiveInt, PositiveInt] | None = None
+    crop: tuple[PositiveInt, PositiveInt] = (360, 480)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    hflip: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSpec:
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} names but num_classes is "
+                f"{self.num_classes}"
+            )
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError("scale_range must satisfy 0 < low <= high")
+        if 0 <= self.ignore_index < self.num_classes:
+            raise ValueError("ignore_index must not be a valid class index")
+        return self
+
+
+class ModelSpec(_Strict):
+    """A network: its architecture and, for a teacher, the checkpoint to load."""
+
+    arch: str = Field(description="{head}_{backbone}, e.g. deeplabv3_resnet18")
+    checkpoint: str | None = Field(
+        default=None, description="safetensors or weights-only torch checkpoint (path or URI)"
+    )
+    output_stride: Literal[8, 16, 32] = 8
+    # Width of the head's last hidden layer (the PCD tap). None = the architecture's default:
+    # 256 for ResNet-50/101 heads (torchvision's), 128 for small backbones (CIRKD's students).
+    head_channels: PositiveInt | None = None
+    aux: bool = False
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        split_arch(v)  # raises ValueError naming the valid choices
+        return v
+
+
+class MethodSpec(_Strict):
+    """The distillation method and every one of its choices (see DESIGN.md, PCD)."""
+
+    name: Literal["none", "kd", "cwd", "pcd"] = "pcd"
+    weight: float = Field(default=3.0, ge=0, description="weight of the method's main loss")
+    tau: float = Field(default=4.0, gt=0, description="softmax temperature")
+    # PCD
+    score: Literal["class_gap", "fisher", "l1", "random"] = "class_gap"
+    keep: PositiveInt | None = Field(
+        default=None, description="K teacher channels kept after pruning; None = student width"
+    )
+    match: Literal["hungarian", "identity"] = "hungarian"
+    rematch_every: PositiveInt = 500
+    score_batches: PositiveInt = Field(default=8, description="batches in the scoring pass")
+    score_weighting: bool = False
+    tap: Literal["head", "backbone"] = "head"
+    logit_kd_weight: float = Field(default=0.0, ge=0, description="optional logit KD on top")
+    # CWD
+    cwd_on: Literal["logits", "features"] = "logits"
+
+
+class TrainSpec(_Strict):
+    """Optimisation budget and schedule."""
+
+    iterations: PositiveInt = 40000
+    batch_size: PositiveInt = 8
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    poly_power: float = Field(default=0.9, ge=0)
+    warmup_iterations: int = Field(default=0, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)
+    aux_weight: float = Field(default=0.4, ge=0)
+    amp: bool = True  # only takes effect on CUDA
+    amp_dtype: Literal["bf16", "fp16"] = "bf16"
+    eval_every: PositiveInt = 2000
+    checkpoint_every: PositiveInt = 1000
+    log_every: PositiveInt = 10
+    seed: int = 0
+    deterministic: bool = False
+    num_workers: int = Field(default=2, ge=0)
+    eval_batch_size: PositiveInt = 4
+    max_eval_images: PositiveInt | None = None
+
+
+class RunSpec(_Strict):
+    """A whole run: data, teacher (absent for plain training), student, method, budget."""
+
+    name: str = Field(default="run", min_length=1, max_length=200)
+    dataset: DatasetSpec
+    teacher: ModelSpec | None = None
+    student: ModelSpec
+    method: MethodSpec = MethodSpec()
+    train: TrainSpec = TrainSpec()
+
+    @model_validator(mode="after")
+    def _teacher_needed(self) -> RunSpec:
+        if self.method.name != "none" and self.teacher is None:
+            raise ValueError(f"method {self.method.name!r} needs a teacher")
+        return self
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON: two runs with the same hash are the same experiment."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_spec(text: str, *, yaml_ok: bool = True) -> RunSpec:
+    """Parse a JSON or YAML run spec (YAML is a superset of JSON)."""
+    if yaml_ok:
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return RunSpec.model_validate(data)
+
+
+__all__ = [
+    "DatasetSpec",
+    "MethodSpec",
+    "ModelSpec",
+    "RunSpec",
+    "TrainSpec",
+    "load_spec",
+    "model_names",
+]

@@ -1,0 +1,397 @@
+"""pcd_core.distill: each method against a hand computation, and PCD's every stage.
+
+No models package here: the "networks" are tiny modules and leaf tensors shaped like the
+model output dict (``out``, ``feat``, ``backbone``), so every expected value is known.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import typing
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from pcd_core.distill import PCD, build_method, list_methods, register_method
+from pcd_core.distill.base import DistillMethod
+from pcd_core.distill.scoring import ChannelClassStats, channel_scores
+from pcd_core.spec import MethodSpec
+
+IGNORE = 255
+
+
+def build(name: str, *, ct: int = 8, cs: int = 4, k: int = 3, **kw: typing.Any) -> DistillMethod:
+    return build_method(
+        MethodSpec(name=name, **kw),
+        teacher_channels=ct,
+        student_channels=cs,
+        num_classes=k,
+        ignore_index=IGNORE,
+    )
+
+
+class FeatureTeacher(nn.Module):
+    """Returns its input (subsampled by ``stride``) as the tap: tests choose F_t exactly."""
+
+    def __init__(self, stride: int = 1) -> None:
+        super().__init__()
+        self.stride = stride
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        f = x[:, :, :: self.stride, :: self.stride] * self.scale
+        return {"out": x * self.scale, "feat": f, "backbone": f}
+
+
+def outputs(b: int = 2, c: int = 8, k: int = 3, hw: tuple[int, int] = (6, 7), grad: bool = False):
+    g = torch.Generator().manual_seed(c * 100 + k)
+    feat = torch.randn(b, c, *hw, generator=g).requires_grad_(grad)
+    logits = torch.randn(b, k, hw[0] * 2, hw[1] * 2, generator=g).requires_grad_(grad)
+    return {"out": logits, "feat": feat, "backbone": feat}
+
+
+def labels(b: int = 2, hw: tuple[int, int] = (12, 14), k: int = 3, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, k, (b, *hw), generator=g)
+    lab[torch.rand(b, *hw, generator=g) < 0.2] = IGNORE
+    return lab
+
+
+def manual_spatial_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
+    """KL(softmax(t/tau) || softmax(s/tau)) over one map's locations, times tau^2 (scalar)."""
+    ps = torch.exp(s.flatten() / tau) / torch.exp(s.flatten() / tau).sum()
+    pt = torch.exp(t.flatten() / tau) / torch.exp(t.flatten() / tau).sum()
+    return (pt * torch.log(pt / ps)).sum() * tau**2
+
+
+def prepared_pcd(scores: Tensor, *, cs: int, **kw: typing.Any) -> PCD:
+    m = build("pcd", ct=scores.numel(), cs=cs, **kw)
+    assert isinstance(m, PCD)
+    m.set_scores(scores)
+    return m
+
+
+# -- registry and interface ------------------------------------------------------------------
+
+
+def test_registry_matches_spec_and_refuses_duplicates() -> None:
+    choices = typing.get_args(MethodSpec.model_fields["name"].annotation)
+    assert list_methods() == sorted(choices)
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("kd")(DistillMethod)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_every_method_gives_finite_weighted_losses(name: str) -> None:
+    m = build(name, cwd_on="features", logit_kd_weight=0.5)
+    t = FeatureTeacher()
+    t_out = outputs(c=8)
+    s_out = outputs(c=4, hw=(3, 4), grad=True)  # smaller student maps: resized to the teacher's
+    target = labels()
+    m.prepare(t, [(t_out["out"].repeat(1, 3, 1, 1)[:, :8], target)], torch.device("cpu"))
+    losses = m(s_out, {k: v.detach() for k, v in t_out.items()}, target, 0)
+    assert m.needs_teacher == (name != "none")
+    assert set(losses) <= {"kd", "cwd", "pcd"} and (name == "none") == (not losses)
+    for v in losses.values():
+        assert v.ndim == 0 and torch.isfinite(v) and v > 0
+    if losses:
+        sum(losses.values()).backward()
+        assert s_out["feat"].grad is not None or s_out["out"].grad is not None
+
+
+def test_tap_key_follows_spec() -> None:
+    assert build("pcd").tap_key == "feat"
+    assert build("pcd", tap="backbone").tap_key == "backbone"
+
+
+# -- kd --------------------------------------------------------------------------------------
+
+
+def test_kd_zero_for_equal_logits_and_matches_manual_formula() -> None:
+    m = build("kd", tau=2.0, weight=3.0)
+    s, t = torch.randn(1, 3, 2, 3), torch.randn(1, 3, 2, 3)
+    target = torch.tensor([[[0, 1, IGNORE], [2, IGNORE, 1]]])
+    assert m({"out": t}, {"out": t}, target, 0)["kd"].abs() < 1e-6
+    total, n = 0.0, 0
+    for i in range(2):
+        for j in range(3):
+            if target[0, i, j] == IGNORE:
+                continue
+            ps = torch.softmax(s[0, :, i, j] / 2.0, 0)
+            pt = torch.softmax(t[0, :, i, j] / 2.0, 0)
+            total += float((pt * (pt / ps).log()).sum())
+            n += 1
+    expected = 3.0 * 4.0 * total / n
+    assert m({"out": s}, {"out": t}, target, 0)["kd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_ignores_void_pixels() -> None:
+    m = build("kd")
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    target = labels(hw=(4, 4))
+    base = m({"out": s}, {"out": t}, target, 0)["kd"]
+    s_void = s.clone()
+    s_void[:, :, target[0] == IGNORE] += 100.0  # perturb only where batch item 0 is void ...
+    s_void[1] = s[1]  # ... and only in batch item 0
+    assert m({"out": s_void}, {"out": t}, target, 0)["kd"] == pytest.approx(base.item())
+    s_valid = s.clone()
+    i, j = (target[0] != IGNORE).nonzero()[0].tolist()
+    s_valid[0, :, i, j] += torch.tensor([5.0, -5.0, 0.0])
+    assert m({"out": s_valid}, {"out": t}, target, 0)["kd"] != pytest.approx(base.item())
+
+
+# -- cwd -------------------------------------------------------------------------------------
+
+
+def test_cwd_on_logits_matches_manual_formula() -> None:
+    m = build("cwd", tau=3.0, weight=2.0)
+    s, t = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)
+    expected = sum(manual_spatial_kl(s[b, c], t[b, c], 3.0) for b in range(2) for c in range(3))
+    expected = 2.0 * float(expected) / 6
+    assert not list(m.parameters())
+    assert m({"out": s}, {"out": t}, labels(), 0)["cwd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cwd_on_features_has_a_trainable_adapter() -> None:
+    m = build("cwd", cwd_on="features", ct=8, cs=4)
+    params = list(m.parameters())
+    assert params and all(p.requires_grad for p in params)
+    assert m.adapter is not None and m.adapter.weight.shape == (8, 4, 1, 1)
+    m({"feat": torch.randn(2, 4, 5, 5)}, {"feat": torch.randn(2, 8, 5, 5)}, labels(), 0)[
+        "cwd"
+    ].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+# -- PCD: scoring ----------------------------------------------------------------------------
+
+
+def _scoring_batch(seed: int) -> tuple[Tensor, Tensor]:
+    """Channel 0 separates classes, 1 is large label-free noise, 2 is a big constant-ish offset."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, 3, (2, 16, 16), generator=g)
+    feat = torch.stack(
+        [
+            3.0 * lab.float() + 0.5 * torch.randn(2, 16, 16, generator=g),
+            10.0 * torch.randn(2, 16, 16, generator=g),
+            50.0 + 0.1 * torch.randn(2, 16, 16, generator=g),
+        ],
+        dim=1,
+    )
+    lab[torch.rand(2, 16, 16, generator=g) < 0.1] = IGNORE
+    return feat, lab
+
+
+@pytest.mark.parametrize(("score", "best"), [("class_gap", 0), ("fisher", 0), ("l1", 2)])
+def test_discriminative_channel_outranks_others(score: str, best: int) -> None:
+    m = build("pcd", ct=3, cs=1, score=score, score_batches=4)
+    assert isinstance(m, PCD)
+    summary = m.prepare(FeatureTeacher(), [_scoring_batch(s) for s in range(4)], "cpu")
+    assert summary["batches"] == 4 and summary["classes_present"] == 3
+    assert int(m.scores.argmax()) == best and int(m.kept[0]) == best
+    if score != "l1":  # the label-free noise channel is worse than the separating one by far
+        assert m.scores[0] > 10 * m.scores[1]
+
+
+def test_random_score_is_seeded() -> None:
+    a = channel_scores(ChannelClassStats(16, 3, IGNORE), "random", seed=1)
+    b = channel_scores(ChannelClassStats(16, 3, IGNORE), "random", seed=1)
+    assert torch.equal(a, b) and a.unique().numel() == 16
+
+
+def _numpy_reference(batches: list[tuple[Tensor, Tensor]], k: int):
+    """Class means, class_gap and fisher by explicit loops (labels subsampled like nearest)."""
+    xs, ls = [], []
+    for img, lab in batches:
+        f = img[:, :, ::2, ::2].double().numpy()  # the teacher's stride-2 tap
+        lab = lab[:, ::2, ::2].numpy()  # nearest downsampling by 2 picks even rows/cols
+        xs.append(f.transpose(1, 0, 2, 3).reshape(f.shape[1], -1))
+        ls.append(lab.reshape(-1))
+    x, lab = np.concatenate(xs, 1), np.concatenate(ls)
+    x, lab = x[:, lab != IGNORE], lab[lab != IGNORE]
+    present = [c for c in range(k) if (lab == c).any()]
+    mu = np.full((x.shape[0], k), np.nan)
+    for c in present:
+        mu[:, c] = x[:, lab == c].mean(1)
+    pairs = [(i, j) for i in present for j in present if i < j]
+    gap = np.mean([np.abs(mu[:, i] - mu[:, j]) for i, j in pairs], axis=0) / x.std(1)
+    between = sum((lab == c).sum() * (mu[:, c] - x.mean(1)) ** 2 for c in present) / x.shape[1]
+    within = sum(((x[:, lab == c] - mu[:, [c]]) ** 2).sum(1) for c in present) / x.shape[1]
+    return mu, gap, between / within
+
+
+def test_class_means_and_scores_are_exact_over_batches_with_ignore() -> None:
+    k = 4  # class 3 never appears: it must not enter the pairs
+    batches = [
+        (torch.randn(2, 5, 8, 10) * (s + 1), labels(hw=(8, 10), k=3, seed=s)) for s in range(3)
+    ]
+    mu_ref, gap_ref, fisher_ref = _numpy_reference(batches, k)
+
+    stats = ChannelClassStats(5, k, IGNORE)
+    for img, lab in batches:
+        stats.update(img[:, :, ::2, ::2], lab)  # labels at full res: downsampled inside
+    np.testing.assert_allclose(stats.class_means().numpy(), mu_ref, rtol=1e-10, equal_nan=True)
+    np.testing.assert_allclose(channel_scores(stats, "class_gap").numpy(), gap_ref, rtol=1e-9)
+    np.testing.assert_allclose(channel_scores(stats, "fisher").numpy(), fisher_ref, rtol=1e-9)
+
+    m = build("pcd", ct=5, cs=2, k=k, score_batches=3)
+    extra = (torch.full((2, 5, 8, 10), 1e6), labels(hw=(8, 10)))  # a 4th batch must be unused
+    m.prepare(FeatureTeacher(stride=2), [*batches, extra], torch.device("cpu"))
+    np.testing.assert_allclose(m.scores.numpy(), gap_ref, rtol=1e-5)
+    assert m.kept.tolist() == np.argsort(-gap_ref, kind="stable")[:2].tolist()
+
+
+def test_scoring_needs_two_classes() -> None:
+    stats = ChannelClassStats(2, 3, IGNORE)
+    stats.update(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2"):
+        channel_scores(stats, "class_gap")
+
+
+def test_prepare_leaves_teacher_unchanged_and_skips_when_restored() -> None:
+    teacher = FeatureTeacher().train()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    m = build("pcd", ct=3, cs=2)
+    m.prepare(teacher, [_scoring_batch(0)], "cpu")
+    assert teacher.training and teacher.scale.grad is None
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    assert m.prepare(teacher, [_scoring_batch(1)], "cpu")["skipped"] is True
+
+
+# -- PCD: pruning and matching ---------------------------------------------------------------
+
+
+def test_keep_must_cover_student_channels() -> None:
+    with pytest.raises(ValueError, match="keep=3 < student channels 4"):
+        build("pcd", ct=8, cs=4, keep=3)
+    with pytest.raises(ValueError, match="keep=9 > teacher channels 8"):
+        build("pcd", ct=8, cs=4, keep=9)
+
+
+@pytest.mark.parametrize("keep", [6, 8])
+def test_hungarian_recovers_a_permutation_identity_does_not(keep: int) -> None:
+    scores = torch.tensor([0.3, 0.9, 0.1, 0.8, 0.5, 0.7, 0.2, 0.6])
+    t = torch.randn(2, 8, 6, 7)
+    kept = torch.argsort(scores, descending=True)[:6]  # the student's width: 6
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    s = t[:, kept[perm]]  # student channel c == kept teacher channel perm[c]
+    losses = {}
+    for match in ("hungarian", "identity"):
+        m = prepared_pcd(scores, cs=6, keep=keep, match=match)
+        losses[match] = m({"feat": s}, {"feat": t}, labels(), 0)["pcd"].item()
+        if match == "hungarian":
+            assert m.rematched and m.assignment.tolist() == kept[perm].tolist()
+        else:
+            assert m.assignment.tolist() == kept.tolist()
+    assert losses["hungarian"] < 1e-6 < 0.1 < losses["identity"]
+
+
+def test_pcd_loss_zero_iff_student_equals_matched_teacher() -> None:
+    m = prepared_pcd(torch.rand(8), cs=4, match="identity")
+    t = torch.randn(2, 8, 5, 6)
+    s = t.index_select(1, m.assignment).clone()
+    assert m({"feat": s}, {"feat": t}, labels(), 0)["pcd"].abs() < 1e-6
+    s[:, 2] += torch.randn(2, 5, 6)
+    assert m({"feat": s}, {"feat": t}, labels(), 1)["pcd"] > 1e-3
+
+
+def test_score_weighting_matches_hand_computation() -> None:
+    scores = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.5])
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    kw = {"cs": 3, "match": "identity", "tau": 2.0, "weight": 1.5}
+    plain = prepared_pcd(scores, score_weighting=False, **kw)
+    weighted = prepared_pcd(scores, score_weighting=True, **kw)
+    matched = [0, 2, 3]  # the top-3 channels, in descending score
+    w = torch.tensor([4.0, 3.0, 2.0]) / 3.0
+    kl = torch.tensor(
+        [
+            [float(manual_spatial_kl(s[b, c], t[b, matched[c]], 2.0)) for c in range(3)]
+            for b in range(2)
+        ]
+    )  # (B,Cs)
+    got_w = weighted({"feat": s}, {"feat": t}, labels(), 0)["pcd"].item()
+    got_p = plain({"feat": s}, {"feat": t}, labels(), 0)["pcd"].item()
+    assert got_w == pytest.approx(1.5 * float((kl * w).mean()), rel=1e-5)
+    assert got_p == pytest.approx(1.5 * float(kl.mean()), rel=1e-5)
+    assert got_w != pytest.approx(got_p)
+
+
+def test_rematch_exactly_at_multiples_of_rematch_every() -> None:
+    m = prepared_pcd(torch.rand(8), cs=4, rematch_every=3)
+    t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    hits = []
+    for it in range(11):
+        m({"feat": s}, {"feat": t}, labels(), it)
+        hits.append(m.rematched)
+        assert m.info["rematched"] == m.rematched
+    assert [i for i, h in enumerate(hits) if h] == [0, 3, 6, 9]
+    m({"feat": s}, {"feat": t}, labels(), 9)  # the same iteration again: already matched
+    assert not m.rematched
+    late = prepared_pcd(torch.rand(8), cs=4, rematch_every=3)
+    late({"feat": s}, {"feat": t}, labels(), 4)  # never matched: the first forward matches
+    assert late.rematched and int(late.match_iteration) == 4
+
+
+def test_state_dict_round_trip_restores_matching_exactly() -> None:
+    a = prepared_pcd(torch.rand(8), cs=4, keep=6, rematch_every=5)
+    t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
+    a({"feat": s}, {"feat": t}, labels(), 0)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = build("pcd", ct=8, cs=4, keep=6, rematch_every=5)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    for name in ("scores", "kept", "assignment", "match_iteration", "prepared"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    s2 = torch.randn(2, 4, 4, 4)
+    la = a({"feat": s2}, {"feat": t}, labels(), 1)["pcd"]
+    lb = b({"feat": s2}, {"feat": t}, labels(), 1)["pcd"]
+    assert not b.rematched and torch.equal(la, lb)
+    b({"feat": s2}, {"feat": t}, labels(), 5)
+    assert b.rematched
+
+
+def test_pcd_requires_prepare() -> None:
+    with pytest.raises(RuntimeError, match="prepare"):
+        build("pcd")(
+            {"feat": torch.randn(1, 4, 2, 2)},
+            {"feat": torch.randn(1, 8, 2, 2)},
+            labels(1, (2, 2)),
+            0,
+        )
+
+
+# -- the teacher is never trained ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"name": "kd"},
+        {"name": "cwd"},
+        {"name": "cwd", "cwd_on": "features"},
+        {"name": "pcd", "logit_kd_weight": 1.0},
+    ],
+    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd"],
+)
+def test_no_gradient_reaches_the_teacher(kw: dict[str, typing.Any]) -> None:
+    teacher = FeatureTeacher()
+    x = torch.randn(2, 8, 6, 6)
+    t_out = teacher(x)  # built WITH autograd on: the method must detach it
+    assert t_out["feat"].requires_grad
+    m = build(ct=8, cs=4, **kw)
+    if isinstance(m, PCD):
+        m.set_scores(torch.rand(8))
+    s_out = {
+        "feat": torch.randn(2, 4, 6, 6, requires_grad=True),
+        "out": torch.randn(2, 3, 6, 6, requires_grad=True),
+    }
+    t_out["out"] = t_out["out"][:, :3]
+    loss = sum(m(s_out, t_out, labels(hw=(6, 6)), 0).values())
+    loss.backward()
+    assert teacher.scale.grad is None
+    assert s_out["feat"].grad is not None or s_out["out"].grad is not None
+    assert math.isfinite(loss.item())

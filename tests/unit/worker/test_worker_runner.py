@@ -1,0 +1,179 @@
+"""execute_job as a plain function: tmp SQLite, file:// store, synthetic data, tiny budgets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import service
+from jobs.models import Job
+from worker import outputs
+from worker.reaper import reap_once
+from worker.runner import classify, execute_job
+
+
+def _tar(src: Path, dest: Path) -> Path:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    dest.write_bytes(buf.getvalue())
+    return dest
+
+
+@pytest.mark.slow
+def test_succeeds_with_artifacts_and_is_idempotent(world, dataset_dir, teacher_file,
+                                                   make_spec, tmp_path: Path) -> None:
+    ds = world.upload(_tar(dataset_dir, tmp_path / "ds.tar.gz"), "dataset")
+    teacher = world.upload(teacher_file, "checkpoint")
+    job_id = world.submit(make_spec(ds, teacher))
+
+    status = execute_job(job_id, settings=world.settings, worker_id="w1")
+    assert status == "succeeded", world.logs(job_id)
+    job = world.job(job_id)
+    assert (job.status, job.attempts, job.phase) == ("succeeded", 1, "uploading")
+    assert job.iteration == 4 and job.checkpoint_iteration == 4
+    with world.session() as s:
+        arts = {a.name: a for a in service.list_artifacts(s, job)}
+    assert {"student.safetensors", "model.json", "student.torchscript.pt", "student.onnx",
+            "metrics.json"} <= set(arts)
+    for art in arts.values():
+        blob = world.store.get_file(art.key, tmp_path / "dl" / art.name).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == art.sha256 and len(blob) == art.size
+    # checkpoints are removed when the job ends; the local scratch directory too
+    assert world.store.list(outputs.checkpoints_prefix(job_id)) == []
+    assert not (Path(world.settings.work_dir) / "runs" / job_id).exists()
+
+    # a second delivery of a finished job does nothing
+    assert execute_job(job_id, settings=world.settings, worker_id="w2") is None
+    assert world.job(job_id).attempts == 1
+
+
+def test_mismatched_teacher_fails_fast_as_user_error(world, make_spec, tmp_path: Path) -> None:
+    from pcd_core.models import build_model, save_weights
+
+    wrong = tmp_path / "wrong.safetensors"  # a 32-channel head where the spec says 16
+    save_weights(build_model("deeplabv3_resnet18", 4, output_stride=16, head_channels=32), wrong)
+    (tmp_path / "data").mkdir()
+    job_id = world.submit(make_spec(f"file://{tmp_path / 'data'}", world.upload(wrong,
+                                                                                "checkpoint")))
+    t0 = time.monotonic()
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "failed"
+    assert time.monotonic() - t0 < 30
+    job = world.job(job_id)
+    assert (job.status, job.error_code, job.user_error) == ("failed", "teacher_mismatch", True)
+    assert "head" in (job.error_message or "") or "shape" in (job.error_message or "")
+    # a user error is terminal: the reaper never brings it back
+    assert reap_once(world.settings, enqueue=lambda *a: pytest.fail("re-dispatched")) == []
+    assert world.job(job_id).attempts == 1
+
+
+def test_unreadable_teacher_and_missing_inputs(world, make_spec, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    (tmp_path / "data").mkdir()
+    bad_teacher = world.submit(make_spec(f"file://{tmp_path / 'data'}",
+                                         world.upload(junk, "checkpoint")))
+    execute_job(bad_teacher, settings=world.settings, worker_id="w1")
+    assert world.job(bad_teacher).error_code == "teacher_unreadable"
+
+    no_data = world.submit(make_spec(f"file://{tmp_path / 'nowhere'}", None))
+    execute_job(no_data, settings=world.settings, worker_id="w1")
+    assert world.job(no_data).error_code in ("dataset_invalid", "dataset_empty")
+
+
+def test_empty_dataset_fails_with_dataset_code(world, make_spec, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / split / "images").mkdir(parents=True)
+        (empty / split / "labels").mkdir(parents=True)
+    job_id = world.submit(make_spec(f"file://{empty}", None))
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "failed"
+    job = world.job(job_id)
+    assert job.error_code in ("dataset_empty", "dataset_invalid") and job.user_error
+
+
+def test_cancel_flag_ends_cancelled(world, dataset_dir, make_spec) -> None:
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=100_000,
+                                    checkpoint_every=100_000))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(
+        status=execute_job(job_id, settings=world.settings, worker_id="w1")))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while world.job(job_id).iteration < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with world.session() as s:
+        service.request_cancel(s, s.get(Job, job_id))
+    thread.join(timeout=60)
+    assert result.get("status") == "cancelled", world.logs(job_id)
+    job = world.job(job_id)
+    assert job.status == "cancelled" and 2 <= job.iteration < 100_000
+
+
+@pytest.mark.slow
+def test_lost_worker_is_requeued_and_resumes_from_checkpoint(
+        world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=6))
+    real_upload = outputs.upload_checkpoint
+
+    def crash_after_second_checkpoint(ctx: Any, iteration: int, path: Path) -> None:
+        real_upload(ctx, iteration, path)
+        if iteration == 4:
+            raise KeyboardInterrupt  # a BaseException: like a kill, nothing is recorded
+
+    monkeypatch.setattr(outputs, "upload_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        execute_job(job_id, settings=world.settings, worker_id="dead")
+    monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+    assert world.job(job_id).status == "running"
+
+    # heartbeat fresh: the reaper leaves it alone; stale: re-queued and re-dispatched
+    sent: list[tuple[str, str]] = []
+    assert reap_once(world.settings, enqueue=lambda j, q: sent.append((j, q))) == []
+    from datetime import datetime, timedelta, timezone
+
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    [reaped] = reap_once(world.settings, enqueue=lambda j, q: sent.append((j, q)))
+    assert reaped.outcome == "requeued" and sent == [(job_id, "cpu")]
+
+    status = execute_job(job_id, settings=world.settings, worker_id="w2")
+    assert status == "succeeded", world.logs(job_id)
+    job = world.job(job_id)
+    assert job.attempts == 2 and job.infra_retries == 1
+    assert "resuming from checkpoint at iteration 4" in world.logs(job_id)
+
+
+def test_reaper_fails_out_of_attempts_and_cancels_cancelling(world, make_spec,
+                                                             tmp_path: Path) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    old = datetime.now(timezone.utc) - timedelta(seconds=60)
+    spent = world.submit(make_spec(f"file://{tmp_path}", None))
+    cancelling = world.submit(make_spec(f"file://{tmp_path}", None))
+    with world.session() as s:
+        for job_id in (spent, cancelling):
+            assert service.claim_job(s, job_id, "gone")
+    world.update(spent, attempts=3, heartbeat_at=old)
+    with world.session() as s:
+        service.request_cancel(s, s.get(Job, cancelling))
+    world.update(cancelling, heartbeat_at=old)
+    outcomes = {r.job_id: r.outcome for r in reap_once(world.settings, enqueue=lambda *a: None)}
+    assert outcomes == {spent: "failed", cancelling: "cancelled"}
+    assert world.job(spent).error_code == "worker_lost"
+    assert world.job(cancelling).status == "cancelled"
+
+
+@pytest.mark.parametrize(("exc", "code", "user"), [
+    (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", True),
+    (ValueError("boom"), "internal", False),
+])
+def test_classify(exc: Exception, code: str, user: bool) -> None:
+    failure = classify(exc)
+    assert (failure.code, failure.user_error) == (code, user)

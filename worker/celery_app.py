@@ -1,0 +1,125 @@
+"""The Celery application of the PCD worker, configured from the shared settings.
+
+Why these settings (DESIGN.md, "Celery settings for long GPU tasks"):
+
+- ``task_acks_late`` + ``task_reject_on_worker_lost``: a job's message is acknowledged only
+  when the task returns, so a worker that dies mid-job does not silently swallow it. Recovery
+  does **not** rely on that redelivery, though (the filesystem transport deletes a message as
+  soon as it is read; Redis redelivers only after its visibility timeout): the reaper works
+  from the database heartbeat, and the task is idempotent, so a late redelivery is harmless.
+- ``worker_prefetch_multiplier=1``: a GPU worker reserves one job at a time; prefetching a
+  second one would park it behind a multi-hour run while another GPU idles.
+- ``visibility_timeout``: longer than any checkpoint interval (``settings.visibility_timeout_s``),
+  so Redis does not hand a running job to a second worker every hour.
+- ``worker_max_tasks_per_child=1`` (prefork pool): each job runs in a fresh child that exits
+  afterwards, returning all GPU and host memory (CUDA caches, fragmented allocator, leaked
+  dataloader workers) to the system. The fork costs milliseconds against hour-long jobs. The
+  parent process never imports torch, so the fork is CUDA-safe. (The ``solo`` pool ignores it.)
+- ``worker_cancel_long_running_tasks_on_connection_loss=True``: after a broker connection loss
+  the unacknowledged message will be redelivered anyway; cancelling the local copy avoids two
+  copies training at once. The job resumes from its last checkpoint via the reaper.
+- Queues are declared (``gpu``, ``cpu``) and ``task_create_missing_queues=False``: a typo in a
+  queue name fails loudly instead of creating a queue no worker consumes.
+- No result backend: the database row is the truth; Celery carries only the job id.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Exchange, Queue
+
+from jobs.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_RUN_JOB = "pcd.run_job"
+QUEUES = ("gpu", "cpu")
+
+
+def filesystem_broker_folder(broker_url: str, settings: Settings) -> Path:
+    """Folder of the filesystem transport: the URL's path, else ``<work_dir>/broker``.
+
+    ``filesystem://`` alone means the embedded default; ``filesystem:///abs/dir`` or
+    ``filesystem://./rel/dir`` name the folder explicitly.
+    """
+    rest = broker_url[len("filesystem://"):]
+    if rest:
+        return Path(rest).expanduser().resolve()
+    return (Path(settings.work_dir).expanduser() / "broker").resolve()
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings`` (a pure function, so tests can inspect it)."""
+    broker_url = settings.broker_url
+    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
+    if broker_url.startswith("filesystem://"):
+        folder = filesystem_broker_folder(broker_url, settings)
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        broker_url = "filesystem://"
+        # in == out: producers and consumers share one folder on this host. The control
+        # folder holds exchange bindings (and remote-control fanout) across processes; its
+        # default is a *relative* "control", which would differ per working directory.
+        transport_options.update(
+            data_folder_in=str(folder / "queue"),
+            data_folder_out=str(folder / "queue"),
+            processed_folder=str(folder / "processed"),
+            control_folder=str(folder / "control"),
+            store_processed=False,
+        )
+    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "result_backend": None,
+        "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_max_tasks_per_child": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": False,
+        "task_queues": queues,
+        "task_default_queue": "gpu",
+        "task_create_missing_queues": False,
+        "task_routes": {TASK_RUN_JOB: {"queue": "gpu"}},
+        # Jobs last hours: no time limits here; cancellation is the user's lever.
+        "task_time_limit": None,
+        "task_soft_time_limit": None,
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    """Build the worker's Celery app (tasks are registered by importing ``worker.tasks``)."""
+    settings = settings or get_settings()
+    app = Celery("pcd")
+    app.conf.update(celery_config(settings))
+    app.conf.include = ["worker.tasks"]
+    return app
+
+
+app = make_app()
+
+
+@signals.worker_ready.connect
+def _start_reaper(sender: Any = None, **_: Any) -> None:
+    """Each worker also reaps: recovery must not depend on ``pcd serve`` being up."""
+    from worker.reaper import start_reaper_thread
+
+    start_reaper_thread(get_settings())
+
+
+@signals.worker_process_init.connect
+def _fresh_db_in_child(**_: Any) -> None:
+    """A forked child must not share the parent's pooled DB connections (SQLite/psycopg)."""
+    from worker.jobrow import dispose_sessions
+
+    dispose_sessions()

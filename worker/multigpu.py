@@ -1,0 +1,125 @@
+"""Run a job on several GPUs of one node: ``torch.distributed.run`` as a subprocess.
+
+Why a subprocess: DDP wants one process per GPU, and the Celery task's process must stay the
+supervisor (heartbeat, cancel checks, uploads). The ranks run :mod:`worker.ddp_entry`, whose
+rank 0 appends progress/eval/checkpoint events to a JSON-lines file; this module tails that
+file and replays each event on the runner's callbacks, so the database sees a multi-GPU job
+exactly as it sees a single-process one. Cancellation creates a stop file the ranks poll;
+if they do not stop within a grace period the process group is terminated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pcd_core.progress import Callback, Progress, RunCancelled
+
+STOP_GRACE_S = 120.0  # a cooperative stop writes a checkpoint first; give it time
+
+
+class DistributedRunError(RuntimeError):
+    """torchrun exited non-zero; ``tail`` holds the end of its output for the job log."""
+
+    def __init__(self, returncode: int, tail: str) -> None:
+        super().__init__(f"torch.distributed.run exited with {returncode}")
+        self.returncode = returncode
+        self.tail = tail
+
+
+def torchrun_argv(gpus: int, spec_file: Path, out_dir: Path, events: Path, stop_file: Path,
+                  resume: Path | None, python: str = sys.executable) -> list[str]:
+    """The command line (a function, so tests can check it without launching anything)."""
+    argv = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+            "-m", "worker.ddp_entry", "--spec", str(spec_file), "--out", str(out_dir),
+            "--events", str(events), "--stop-file", str(stop_file)]
+    if resume is not None:
+        argv += ["--resume", str(resume)]
+    return argv
+
+
+def replay(record: dict[str, Any], callbacks: Sequence[Callback]) -> None:
+    """Deliver one event line to the callbacks, as the engine would have in-process."""
+    kind = record.pop("event", None)
+    if kind == "progress":
+        progress = Progress(**{k: v for k, v in record.items()
+                               if k in Progress.__dataclass_fields__})
+        for cb in callbacks:
+            cb.on_progress(progress)
+    elif kind == "eval":
+        for cb in callbacks:
+            cb.on_eval(int(record["iteration"]), record["metrics"])
+    elif kind == "checkpoint":
+        for cb in callbacks:
+            cb.on_checkpoint(int(record["iteration"]), Path(record["path"]))
+
+
+def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequence[Callback],
+                    resume: Path | None = None, poll_s: float = 0.5) -> dict[str, Any]:
+    """Train under torchrun; returns the engine's final record. Raises like ``train.run``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec_file, events, stop_file = out_dir / "spec.json", out_dir / "events.jsonl", \
+        out_dir / "STOP"
+    spec_file.write_text(spec_json)
+    events.write_text("")
+    stop_file.unlink(missing_ok=True)
+    log_file = out_dir / "torchrun.log"
+    argv = torchrun_argv(gpus, spec_file, out_dir, events, stop_file, resume)
+    final: dict[str, Any] = {}
+    stop_requested_at: float | None = None
+    with log_file.open("wb") as log, events.open("r", encoding="utf-8") as tail:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ})
+        try:
+            buffer = ""
+            while True:
+                buffer += tail.read()
+                *lines, buffer = buffer.split("\n")
+                for line in lines:
+                    if line.strip():
+                        record = json.loads(line)
+                        if record.get("event") in ("done", "cancelled"):
+                            final = record
+                        else:
+                            replay(record, callbacks)
+                if proc.poll() is not None and not tail.read(1):
+                    break
+                if stop_requested_at is None and any(cb.should_stop() for cb in callbacks):
+                    stop_file.touch()
+                    stop_requested_at = time.monotonic()
+                elif stop_requested_at and time.monotonic() - stop_requested_at > STOP_GRACE_S:
+                    _kill_group(proc)
+                time.sleep(poll_s)
+        except BaseException:
+            _kill_group(proc)
+            raise
+    if final.get("event") == "cancelled" or (stop_requested_at and proc.returncode != 0):
+        ckpt = final.get("checkpoint")
+        raise RunCancelled(int(final.get("iteration", 0)), Path(ckpt) if ckpt else None)
+    if proc.returncode != 0:
+        raise DistributedRunError(proc.returncode, _tail(log_file))
+    return final
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    data = path.read_bytes()[-limit:]
+    return data.decode("utf-8", errors="replace")

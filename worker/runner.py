@@ -1,0 +1,180 @@
+"""Turn one job row into one pcd_core run: :func:`execute_job`, a plain function.
+
+The Celery task only calls this (so tests call it without a broker). The order of events:
+
+1. Claim the row (compare-and-set ``queued -> running``). A second delivery of a job that is
+   running elsewhere or already finished fails the claim and does nothing: idempotent.
+2. Prepare: fetch the dataset and teacher into the cache, then validate them (teacher weights
+   against the arch, the dataset's files) so a bad input fails in seconds as a *user* error,
+   never retried.
+3. Train with callbacks that write progress to the row (throttled), upload checkpoints, and
+   stop cooperatively on cancel. A re-run (attempt > 1) resumes from the row's checkpoint.
+4. Upload the artifacts with their sha256, then finish the row. Every failure ends in a
+   stable error code (docs/CONTRACTS.md); unexpected ones are ``internal`` with the traceback
+   in the job log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs import db, state
+from jobs.settings import Settings, get_settings
+from jobs.spec import JobSpec
+from pcd_core.progress import RunCancelled
+from worker import inputs, outputs
+from worker.jobrow import JobRow, JobSnapshot, sessions_for
+from worker.progress import DbProgress, Heartbeat
+
+log = logging.getLogger(__name__)
+
+
+class JobFailure(Exception):
+    """A run that must end ``failed`` with a stable code (``user_error``: never retried)."""
+
+    def __init__(self, code: str, message: str, *, user_error: bool) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.user_error = user_error
+
+
+def default_worker_id() -> str:
+    """host:pid:random, unique per process so a restarted worker is a different owner."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class RunContext:
+    """Everything one attempt of one job uses."""
+
+    settings: Settings
+    row: JobRow
+    snap: JobSnapshot
+    spec: JobSpec
+    store: Any
+    work_dir: Path
+    progress: DbProgress
+
+
+def execute_job(job_id: str, *, settings: Settings | None = None,
+                worker_id: str | None = None) -> str | None:
+    """Run job ``job_id`` to a terminal status; returns it, or None when not claimed."""
+    settings = settings or get_settings()
+    worker_id = worker_id or default_worker_id()
+    sessions = sessions_for(settings)
+    with db.session_scope(sessions) as session:
+        claimed = state.claim_job(session, job_id, worker_id)
+    if not claimed:
+        log.info("job %s not claimed (running elsewhere, finished or unknown): skipping", job_id)
+        return None
+    row = JobRow(job_id, worker_id, sessions)
+    snap = row.snapshot()
+    row.log("info", f"attempt {snap.attempt} started on worker {worker_id}")
+    with Heartbeat(row, settings.heartbeat_interval_s) as beat:
+        try:
+            ctx = _context(settings, row, snap, beat)
+            return _run(ctx)
+        except Exception as exc:  # every path ends with the row in a terminal status
+            return _fail(row, exc, lost=beat.lost.is_set())
+
+
+def _context(settings: Settings, row: JobRow, snap: JobSnapshot, beat: Heartbeat) -> RunContext:
+    try:
+        # The API applied the deployment's input policy at submission; re-checking it here
+        # against this worker's settings could only refuse a job the user was promised.
+        spec = JobSpec.model_validate(snap.spec, context={"allow_local_paths": True})
+    except ValueError as exc:  # the API validated it; a stored spec from an older version
+        raise JobFailure("spec_invalid", str(exc), user_error=True) from exc
+    work = Path(settings.work_dir).expanduser().resolve() / "runs" / snap.job_id
+    work.mkdir(parents=True, exist_ok=True)
+    store = outputs.open_job_store(settings)
+    progress = DbProgress(row, min_interval_s=settings.progress_interval_s, stop_flag=beat.lost)
+    ctx = RunContext(settings, row, snap, spec, store, work, progress)
+    progress.checkpoint_hook = lambda it, path: outputs.upload_checkpoint(ctx, it, path)
+    return ctx
+
+
+def _run(ctx: RunContext) -> str:
+    ctx.progress.set_phase("preparing")
+    run_spec = inputs.prepare(ctx.spec, ctx)  # fetch + validate; raises JobFailure early
+    resume = outputs.fetch_resume_checkpoint(ctx)
+    out_dir = ctx.work_dir / f"attempt-{ctx.snap.attempt}"
+    gpus = ctx.spec.resources.gpus
+    try:
+        if gpus > 1:
+            from worker.multigpu import run_distributed
+
+            run_distributed(run_spec.model_dump_json(), out_dir, gpus, [ctx.progress],
+                            resume=resume)
+        else:
+            from pcd_core import train
+
+            # gpus=0 (the cpu queue) must not grab a GPU that happens to be on the host
+            device = "cpu" if gpus == 0 else None
+            train.run(run_spec, out_dir, callbacks=[ctx.progress], resume=resume, device=device)
+    except RunCancelled as exc:
+        if ctx.progress.stop_flag.is_set():  # ownership lost: the row is someone else's
+            ctx.row.log("warning", "run stopped: job no longer owned by this worker")
+            return "lost"
+        ctx.row.log("info", f"cancelled at iteration {exc.iteration}")
+        ctx.row.finish("cancelled", message=f"cancelled at iteration {exc.iteration}")
+        outputs.cleanup(ctx, keep_checkpoints=False)
+        return "cancelled"
+    ctx.progress.set_phase("uploading")
+    outputs.upload_artifacts(ctx, out_dir)
+    ctx.row.finish("succeeded")
+    ctx.row.log("info", "succeeded")
+    outputs.cleanup(ctx, keep_checkpoints=False)
+    return "succeeded"
+
+
+def classify(exc: BaseException) -> JobFailure:
+    """Map any exception to a stable error code (docs/CONTRACTS.md)."""
+    if isinstance(exc, JobFailure):
+        return exc
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
+                                      and "out of memory" in str(exc).lower()):
+        # The same spec on the same GPU would run out again: not retried. Smaller batch or
+        # crop, or AMP, is the fix.
+        return JobFailure("out_of_memory", f"the GPU ran out of memory: {exc}. Lower "
+                          "train.batch_size or dataset.crop, or enable train.amp.",
+                          user_error=True)
+    if name == "WeightsError":
+        reason = getattr(exc, "reason", "unreadable")
+        return JobFailure(f"teacher_{reason}", str(exc), user_error=True)
+    if name == "DatasetError":
+        return JobFailure(inputs.dataset_code(exc), str(exc), user_error=True)
+    if name == "TeacherMissingError":
+        return JobFailure("spec_invalid", str(exc), user_error=True)
+    if name in ("ExportParityError", "ParityError"):
+        return JobFailure("export_parity", str(exc), user_error=False)
+    if name in ("StorageError", "ObjectNotFound", "ChecksumMismatch"):
+        return JobFailure("storage_error", str(exc), user_error=False)
+    return JobFailure("internal", f"{name}: {exc}", user_error=False)
+
+
+def _fail(row: JobRow, exc: Exception, *, lost: bool) -> str:
+    failure = classify(exc)
+    if failure.code == "internal" or not failure.user_error:
+        row.log("error", "".join(traceback.format_exception(exc)).rstrip())
+    else:
+        row.log("error", failure.message)
+    if lost:
+        log.warning("job %s failed after losing ownership; leaving the row alone", row.job_id)
+        return "lost"
+    try:
+        row.fail(failure.code, failure.message, user_error=failure.user_error)
+    except state.InvalidTransition:
+        log.warning("job %s could not be failed (already terminal)", row.job_id)
+    log.warning("job %s failed: %s", row.job_id, failure)
+    return "failed"
+
