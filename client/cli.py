@@ -145,12 +145,16 @@ def submit(
     watch: bool = typer.Option(False, "--watch", "-w", help="Show live progress until done."),
     set_: list[str] = typer.Option([], "--set", help="Override a field: train.iterations=200."),
     idempotency_key: str = typer.Option(None, help="Retry-safe submit: same key, same job."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the job id."),
 ) -> None:
     """Submit a job; prints its id (``--watch`` follows it to the end)."""
     spec = _load_spec(spec_path, set_)
     with _client() as client:
         job = _call(client.submit, spec, idempotency_key=idempotency_key)
-        console.print(f"submitted [bold]{job['id']}[/] ({job.get('status')})")
+        if quiet:
+            print(job["id"], flush=True)
+        else:
+            console.print(f"submitted [bold]{job['id']}[/] ({job.get('status')})")
         if watch:
             _watch(client, job["id"])
 
@@ -260,6 +264,7 @@ def fetch(job_id: str, out: Path = typer.Option(..., "--out", "-o", help="Direct
 def upload(
     path: Path = typer.Argument(..., exists=True, help="A file, or a directory (tarred)."),
     kind: str = typer.Option(..., "--kind", help="dataset | checkpoint"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the URI."),
 ) -> None:
     """Upload a dataset (archive or directory) or a teacher checkpoint; prints its URI."""
     if kind not in ("dataset", "checkpoint"):
@@ -274,6 +279,9 @@ def upload(
                 result = _call(client.upload_stream, tmp, kind, filename=f"{path.name}.tar")
         else:
             result = _call(client.upload, path, kind)
+    if quiet:
+        print(result["uri"])
+        return
     console.print(f"uploaded: [bold]{result.get('uri') or result.get('id')}[/]")
     console.print_json(data=result)
 

@@ -48,11 +48,18 @@ class LogitsOnly(nn.Module):
 
 @dataclass
 class ExportReport:
-    """Files written and, per exported format, the max abs logit difference to eager."""
+    """Files written and, per exported format, the max abs logit difference to eager.
+
+    ``logit_scale`` is max(1, max|eager logits|) on the parity input: the tolerance is
+    relative to it, because float32 kernels that sum in a different order (onnxruntime vs
+    ATen) differ by about 1e-7 of the magnitude, and a briefly trained net fed random
+    inputs can emit logits of 1e6 (seen: a 12-iteration ResNet-50, |diff| 3.5 at 5.4e6).
+    """
 
     out_dir: Path
     paths: dict[str, Path] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    logit_scale: float = 1.0
     seconds: dict[str, float] = field(default_factory=dict)
     onnx_exporter: str | None = None
 
@@ -113,6 +120,7 @@ def export_student(
     x = torch.randn(2, 3, *input_hw, generator=gen)  # (2,3,H,W) parity input
     with torch.no_grad():
         ref = wrapper(x)
+    report.logit_scale = max(1.0, float(ref.abs().max()))
     if "torchscript" in formats:
         t0 = time.perf_counter()
         path = out / FILES["torchscript"]
@@ -140,14 +148,16 @@ def export_student(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "files": {k: p.name for k, p in report.paths.items()},
         "parity_max_abs_diff": report.max_abs_diff, "parity_tol": tol,
+        "parity_logit_scale": report.logit_scale,
         "onnx_opset": ONNX_OPSET if "onnx" in formats else None,
     }
     _write_json(out / FILES["model_json"], meta)
     report.paths["model_json"] = out / FILES["model_json"]
-    bad = {k: v for k, v in report.max_abs_diff.items() if not v <= tol}
+    bad = {k: v for k, v in report.max_abs_diff.items() if not v <= tol * report.logit_scale}
     if bad:
         raise ExportParityError(
-            f"exported model differs from eager beyond tol={tol}: "
+            f"exported model differs from eager beyond tol={tol} x logit scale "
+            f"{report.logit_scale:.3g}: "
             + ", ".join(f"{k} max|diff|={v:.3g}" for k, v in bad.items())
         )
     return report

@@ -123,3 +123,21 @@ def _fresh_db_in_child(**_: Any) -> None:
     from worker.jobrow import dispose_sessions
 
     dispose_sessions()
+    allow_child_processes()
+
+
+def allow_child_processes() -> None:
+    """Let a prefork pool child start processes of its own (DataLoader workers, torchrun).
+
+    Celery marks its pool children daemonic, and ``multiprocessing`` refuses children to a
+    daemon ("daemonic processes are not allowed to have children"), so a job with
+    ``train.num_workers > 0`` would fail at its first batch. The flag exists so that daemons
+    are killed with their parent; a job's loader workers are already tied to it (each one
+    exits when its parent dies, and ``worker_max_tasks_per_child=1`` retires the child after
+    the job). Clearing it in the child only is the usual remedy with Celery's prefork pool.
+    """
+    import multiprocessing
+
+    proc = multiprocessing.current_process()
+    if proc.daemon:
+        proc._config["daemon"] = False  # type: ignore[attr-defined]

@@ -136,3 +136,17 @@ def test_cli_import_stays_http_only() -> None:
             "'sqlalchemy', 'pcd_core'} & {m.split('.')[0] for m in sys.modules}; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_quiet_submit_and_upload_print_only_the_id(service, tmp_path: Path) -> None:
+    """``-q`` output is what scripts capture: ``JOB=$(pcd submit -q spec.yaml)``."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: r18\nstudent: {arch: deeplabv3_resnet18}\n")
+    submitted = runner.invoke(cli.app, ["submit", "-q", str(spec)])
+    assert submitted.exit_code == 0, submitted.output
+    assert submitted.stdout == "job1\n"
+    weights = tmp_path / "teacher.safetensors"
+    weights.write_bytes(b"weights")
+    uploaded = runner.invoke(cli.app, ["upload", "-q", str(weights), "--kind", "checkpoint"])
+    assert uploaded.exit_code == 0, uploaded.output
+    assert uploaded.stdout == "upload:u1\n"
