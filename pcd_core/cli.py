@@ -111,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         result = run(spec, args.out, callbacks=callbacks, resume=args.resume,
                      device=args.device, export_formats=args.formats.split(","),
-                     sync_bn=args.sync_bn)
+                     sync_bn=args.sync_bn, samples=args.samples)
     except RunCancelled as exc:
         print(f"[pcd] {exc}; continue with --resume auto", file=sys.stderr)
         return EXIT_CANCELLED
@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
         s.add_argument("--formats", default="safetensors,torchscript,onnx")
         s.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+        s.add_argument("--samples", type=int, default=4, metavar="N",
+                       help="validation images drawn in samples.png (0: no samples.png)")
         s.add_argument("--no-progress", action="store_true", help="no progress bar")
         s.set_defaults(func=cmd_run)
     s = sub.add_parser("eval", help="evaluate a student directory on a dataset split")

@@ -3,10 +3,15 @@
 Shared by the training loop (periodic validation), the end-of-run teacher-vs-student table
 and ``python -m pcd_core eval``. In a distributed run every rank evaluates its shard and the
 confusion statistics are reduced, so the numbers equal a single-process evaluation.
+
+A long evaluation (a large validation split) can be interrupted: ``should_stop`` is polled
+every ``poll_every`` batches (rank 0's answer is broadcast, so every rank stops at the same
+batch) and raises :class:`pcd_core.progress.StopRequested`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,8 +19,9 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from pcd_core.data import build_dataset, build_loader
-from pcd_core.distributed import DistInfo
+from pcd_core.distributed import DistInfo, broadcast_flag
 from pcd_core.metrics import SegmentationMetrics
+from pcd_core.progress import StopRequested
 from pcd_core.spec import DatasetSpec
 
 
@@ -39,11 +45,14 @@ def evaluate(
     num_workers: int = 0,
     amp_dtype: torch.dtype | None = None,
     class_names: list[str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    poll_every: int = 4,
 ) -> dict[str, Any]:
     """Metrics of ``model`` (a plain module, not DDP) on ``dataset``; restores train mode.
 
     ``amp_dtype`` enables CUDA autocast; logits are argmaxed in whatever dtype they come in,
-    which does not change the prediction beyond ties.
+    which does not change the prediction beyond ties. ``should_stop`` (given on every rank or
+    on none) is polled before batch 0, ``poll_every``, ...; True raises ``StopRequested``.
     """
     was_training = model.training
     model.eval()
@@ -54,7 +63,10 @@ def evaluate(
     metrics = SegmentationMetrics(num_classes, ignore_index)
     use_amp = amp_dtype is not None and info.device.type == "cuda"
     try:
-        for img, label in loader:
+        for i, (img, label) in enumerate(loader):
+            if (should_stop is not None and i % poll_every == 0
+                    and broadcast_flag(should_stop(), info)):
+                raise StopRequested("evaluation")
             img = img.to(info.device, non_blocking=True)  # (B,3,H,W)
             with torch.autocast(info.device.type, dtype=amp_dtype, enabled=use_amp):
                 logits = model(img)["out"]  # (B,K,H,W)

@@ -6,6 +6,10 @@ A student directory holds ``student.safetensors`` (weights, never pickle), ``mod
 The exported graphs run on random inputs next to the eager model; a max abs difference over
 ``tol`` raises :class:`ExportParityError` (job error ``export_parity``), because a silently
 wrong ONNX file is worse than none. The aux head is dropped: deployment never needs it.
+
+An export can take minutes (the ONNX exporter on a large student): ``should_stop`` is polled
+between formats and a stop removes the files written so far (a half-written student
+directory must not look deployable) and raises :class:`pcd_core.progress.StopRequested`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 from pcd_core.models import build_model, save_weights
 from pcd_core.models.weights import read_state_dict
+from pcd_core.progress import StopRequested
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 FILES = {"safetensors": "student.safetensors", "torchscript": "student.torchscript.pt",
@@ -100,11 +105,14 @@ def export_student(
     formats: Sequence[str] = FORMATS,
     input_hw: tuple[int, int] = (360, 480),
     tol: float = 1e-3,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ExportReport:
     """Write the student directory into ``out_dir``; see the module docstring.
 
     ``safetensors`` and ``model.json`` are always written (the others derive from them).
-    Raises :class:`ExportParityError` when an exported form differs by more than ``tol``.
+    Raises :class:`ExportParityError` when an exported form differs by more than ``tol``,
+    ``StopRequested`` when ``should_stop`` (polled before each format after the weights and
+    before ``model.json``) says so.
     """
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -114,31 +122,12 @@ def export_student(
     net = deployable_copy(model, arch, num_classes, output_stride, head_channels)
     wrapper = LogitsOnly(net).eval()
     report = ExportReport(out)
-    save_weights(net, out / FILES["safetensors"])
-    report.paths["safetensors"] = out / FILES["safetensors"]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, *input_hw, generator=gen)  # (2,3,H,W) parity input
-    with torch.no_grad():
-        ref = wrapper(x)
-    report.logit_scale = max(1.0, float(ref.abs().max()))
-    if "torchscript" in formats:
-        t0 = time.perf_counter()
-        path = out / FILES["torchscript"]
-        export_torchscript(wrapper, path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # jit is deprecated, still used
-            loaded = torch.jit.load(str(path), map_location="cpu")
-        with torch.no_grad():
-            report.max_abs_diff["torchscript"] = _diff(loaded(x), ref)
-        report.paths["torchscript"] = path
-        report.seconds["torchscript"] = time.perf_counter() - t0
-    if "onnx" in formats:
-        t0 = time.perf_counter()
-        path = out / FILES["onnx"]
-        report.onnx_exporter = export_onnx(wrapper, x, path)
-        report.max_abs_diff["onnx"] = _diff(run_onnx(path, x), ref)
-        report.paths["onnx"] = path
-        report.seconds["onnx"] = time.perf_counter() - t0
+    try:
+        _export_formats(net, wrapper, report, formats, input_hw, should_stop)
+    except StopRequested:  # also an older model.json: it would describe the removed weights
+        for path in [*report.paths.values(), out / FILES["model_json"]]:
+            path.unlink(missing_ok=True)
+        raise
     meta = {
         "arch": arch, "num_classes": num_classes, "class_names": list(class_names),
         "ignore_index": ignore_index, "mean": list(mean), "std": list(std),
@@ -161,6 +150,46 @@ def export_student(
             + ", ".join(f"{k} max|diff|={v:.3g}" for k, v in bad.items())
         )
     return report
+
+
+def _poll(should_stop: Callable[[], bool] | None) -> None:
+    if should_stop is not None and should_stop():
+        raise StopRequested("export")
+
+
+def _export_formats(net: nn.Module, wrapper: nn.Module, report: ExportReport,
+                    formats: Sequence[str], input_hw: tuple[int, int],
+                    should_stop: Callable[[], bool] | None) -> None:
+    """The weights, then each deployable form with its parity diff, into ``report``."""
+    out = report.out_dir
+    save_weights(net, out / FILES["safetensors"])
+    report.paths["safetensors"] = out / FILES["safetensors"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *input_hw, generator=gen)  # (2,3,H,W) parity input
+    with torch.no_grad():
+        ref = wrapper(x)
+    report.logit_scale = max(1.0, float(ref.abs().max()))
+    _poll(should_stop)
+    if "torchscript" in formats:
+        t0 = time.perf_counter()
+        path = out / FILES["torchscript"]
+        export_torchscript(wrapper, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # jit is deprecated, still used
+            loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            report.max_abs_diff["torchscript"] = _diff(loaded(x), ref)
+        report.paths["torchscript"] = path
+        report.seconds["torchscript"] = time.perf_counter() - t0
+    _poll(should_stop)
+    if "onnx" in formats:
+        t0 = time.perf_counter()
+        path = out / FILES["onnx"]
+        report.onnx_exporter = export_onnx(wrapper, x, path)
+        report.max_abs_diff["onnx"] = _diff(run_onnx(path, x), ref)
+        report.paths["onnx"] = path
+        report.seconds["onnx"] = time.perf_counter() - t0
+    _poll(should_stop)
 
 
 def export_torchscript(wrapper: nn.Module, path: Path) -> None:

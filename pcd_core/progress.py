@@ -32,12 +32,25 @@ class Progress:
 
 
 class RunCancelled(Exception):
-    """``should_stop()`` returned True; a resumable checkpoint was written first."""
+    """``should_stop()`` returned True. During or after training a resumable checkpoint was
+    written first (``checkpoint``); a stop during the scoring pass, before the first step,
+    has nothing to save (``checkpoint`` is None, ``iteration`` 0)."""
 
     def __init__(self, iteration: int, checkpoint: Path | None) -> None:
         super().__init__(f"run cancelled at iteration {iteration} (checkpoint: {checkpoint})")
         self.iteration = iteration
         self.checkpoint = checkpoint
+
+
+class StopRequested(Exception):
+    """``should_stop()`` said yes inside a phase other than the training steps (the scoring
+    pass, an evaluation, between export formats). The phase raises it and unwinds its own
+    state; :func:`pcd_core.train.run` turns it into :class:`RunCancelled` with the iteration
+    and checkpoint, so callers only ever see ``RunCancelled``."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(f"stop requested during {phase}")
+        self.phase = phase
 
 
 class Callback:
@@ -53,7 +66,9 @@ class Callback:
         """After a checkpoint has been written atomically (safe to upload now)."""
 
     def should_stop(self) -> bool:
-        """Polled every few iterations; True stops the run after writing a checkpoint."""
+        """Polled every few iterations, before every scoring batch, every few evaluation
+        batches and between export formats; True stops the run (after a checkpoint when
+        training has started)."""
         return False
 
 

@@ -2,17 +2,23 @@
 
 ``run`` trains a student (or a teacher: method ``none``, no teacher) from a :class:`RunSpec`,
 evaluates it every ``eval_every`` iterations, checkpoints every ``checkpoint_every``, and
-finally writes the deployable student directory (see :mod:`pcd_core.export`). Everything a
+finally writes the deployable student directory (see :mod:`pcd_core.export`) and a small
+grid of validation predictions (``samples.png``, see :mod:`pcd_core.samples`). Everything a
 resume needs is in the checkpoint, and the data order is a pure function of (seed, epoch),
 so a resumed run continues with the same losses as one that never stopped.
+
+Cancellation (``Callback.should_stop``) is honoured in every long phase, not only between
+training steps: before each scoring batch, every few evaluation batches and between export
+formats. Each ends in :class:`RunCancelled`, after a checkpoint once training has started.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +42,15 @@ from pcd_core.data import build_dataset, build_loader
 from pcd_core.evaluate import build_eval_dataset, evaluate
 from pcd_core.export import export_student
 from pcd_core.optim import build_optimizer, build_scheduler
-from pcd_core.progress import Callback, CallbackList, Progress, RunCancelled
+from pcd_core.progress import Callback, CallbackList, Progress, RunCancelled, StopRequested
 from pcd_core.reproducible import BatchStream, preserve_rng, seed_everything
+from pcd_core.samples import render_samples, write_samples
 from pcd_core.spec import RunSpec
 
 DEFAULT_FORMATS = ("safetensors", "torchscript", "onnx")
+DEFAULT_SAMPLES = 4  # validation images in samples.png (0: none)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +73,9 @@ class _State:
     iteration: int = 0  # completed optimiser steps
     best: dict[str, Any] | None = None
     scoring: dict[str, Any] = field(default_factory=dict)
+    # A stop interrupted the evaluation of step ``iteration``: a resume runs it first, so the
+    # resumed run reports the same evaluations (and ``best``) as one that never stopped.
+    eval_pending: bool = False
 
 
 def amp_dtype_for(spec: RunSpec, device: torch.device) -> torch.dtype | None:
@@ -133,6 +146,7 @@ def checkpoint_state(spec: RunSpec, models: Models, state: _State) -> dict[str, 
         "rng": capture_rng(),
         "best": state.best,
         "scoring": json.dumps(state.scoring),
+        "eval_pending": state.eval_pending,
         "spec": spec.model_dump_json(),
         "spec_hash": spec.spec_hash(),
         "torch_version": str(torch.__version__),
@@ -149,10 +163,16 @@ def restore_state(ckpt: dict[str, Any], models: Models, state: _State) -> None:
     state.iteration = int(ckpt["iteration"])
     state.best = ckpt.get("best")
     state.scoring = json.loads(ckpt.get("scoring") or "{}")
+    state.eval_pending = bool(ckpt.get("eval_pending", False))
 
 
-def scoring_pass(spec: RunSpec, models: Models, train_ds: Any, info: D.DistInfo) -> dict:
-    """The method's scoring pass over ``score_batches`` training batches (PCD only)."""
+def scoring_pass(spec: RunSpec, models: Models, train_ds: Any, info: D.DistInfo,
+                 cbs: Callback | None = None) -> dict:
+    """The method's scoring pass over ``score_batches`` training batches (PCD only).
+
+    ``cbs.should_stop`` is polled before every batch (each is a teacher forward, so a poll is
+    cheap beside it; rank 0 decides for all ranks); a stop raises ``StopRequested``.
+    """
     if models.teacher is None or not models.method.needs_teacher:
         return {}
     loader = build_loader(
@@ -164,6 +184,8 @@ def scoring_pass(spec: RunSpec, models: Models, train_ds: Any, info: D.DistInfo)
     def batches() -> Iterator[Any]:
         stream = BatchStream(loader, spec.train.seed + 7919)
         for _ in range(spec.method.score_batches):
+            if cbs is not None and D.broadcast_flag(cbs.should_stop(), info):
+                raise StopRequested("scoring")
             yield next(stream)
 
     return dict(models.method.prepare(models.teacher, batches(), info.device))
@@ -175,7 +197,8 @@ def _window_stats(sums: dict[str, Tensor], n: int, info: D.DistInfo) -> dict[str
 
 
 def _eval_student(spec: RunSpec, models: Models, val_ds: Any, info: D.DistInfo,
-                  amp_dtype: torch.dtype | None) -> dict[str, Any]:
+                  amp_dtype: torch.dtype | None,
+                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     # DDP keeps BN running stats per rank; evaluate (and later save) rank 0's everywhere.
     D.broadcast_tensors(models.student.buffers(), info)
     with preserve_rng():
@@ -183,7 +206,7 @@ def _eval_student(spec: RunSpec, models: Models, val_ds: Any, info: D.DistInfo,
             models.student, val_ds, num_classes=spec.dataset.num_classes,
             ignore_index=spec.dataset.ignore_index, batch_size=spec.train.eval_batch_size,
             info=info, num_workers=min(spec.train.num_workers, 2), amp_dtype=amp_dtype,
-            class_names=spec.dataset.class_names,
+            class_names=spec.dataset.class_names, should_stop=should_stop,
         )
 
 
@@ -208,7 +231,22 @@ def train_loop(
     poll_every = max(1, min(tr.log_every, 10))
     imgs_per_step = tr.batch_size * info.world_size
     sums: dict[str, Tensor] = {}
-    n, t_window, last_eval = 0, time.perf_counter(), None
+
+    def periodic_eval(it: int) -> dict[str, Any]:
+        try:
+            result = _eval_student(spec, models, val_ds, info, amp, cbs.should_stop)
+        except StopRequested:  # step ``it`` is kept; its evaluation is redone on resume
+            state.eval_pending = True
+            path = _save(spec, models, state, out_dir, info, cbs)
+            raise RunCancelled(it, path if info.is_main else None) from None
+        state.eval_pending = False
+        if state.best is None or result["miou"] > state.best["miou"]:
+            state.best = {"iteration": it, "miou": float(result["miou"])}
+        cbs.on_eval(it, result)
+        return result
+
+    last_eval = periodic_eval(state.iteration) if state.eval_pending else None
+    n, t_window = 0, time.perf_counter()
     models.student.train()
     while state.iteration < tr.iterations:
         step = state.iteration
@@ -226,10 +264,7 @@ def train_loop(
             sums, n, t_window = {}, 0, time.perf_counter()
         last_eval = None
         if it % tr.eval_every == 0 or it == tr.iterations:
-            last_eval = _eval_student(spec, models, val_ds, info, amp)
-            if state.best is None or last_eval["miou"] > state.best["miou"]:
-                state.best = {"iteration": it, "miou": float(last_eval["miou"])}
-            cbs.on_eval(it, last_eval)
+            last_eval = periodic_eval(it)
             t_window = time.perf_counter()  # eval time is not training throughput
         saved = it % tr.checkpoint_every == 0 or it == tr.iterations
         if saved:
@@ -251,8 +286,11 @@ def run(
     device: str | torch.device | None = None,
     export_formats: Sequence[str] = DEFAULT_FORMATS,
     sync_bn: bool = False,
+    samples: int = DEFAULT_SAMPLES,
 ) -> RunResult:
     """Train ``spec`` into ``out_dir`` (student directory + ``checkpoints/``).
+
+    ``samples``: how many validation images ``samples.png`` shows (0: no file).
 
     ``resume``: a checkpoint file, a run directory, or ``"auto"`` (this ``out_dir``'s last
     checkpoint if any). Under torchrun the process group is set up here; only rank 0 calls
@@ -267,14 +305,14 @@ def run(
     owns_group = info.distributed
     cbs = CallbackList(callbacks if info.is_main else ())
     try:
-        return _run(spec, out, info, cbs, resume, export_formats, sync_bn, t0)
+        return _run(spec, out, info, cbs, resume, export_formats, sync_bn, samples, t0)
     finally:
         if owns_group:
             D.teardown(info)
 
 
 def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: Any,
-         export_formats: Sequence[str], sync_bn: bool, t0: float) -> RunResult:
+         export_formats: Sequence[str], sync_bn: bool, samples: int, t0: float) -> RunResult:
     tr = spec.train
     cbs.on_progress(Progress("preparing", 0, tr.iterations))
     if info.is_main:
@@ -301,48 +339,92 @@ def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: 
         restore_rng(ckpt["rng"])  # after the skip-ahead, which may draw from the RNGs
     elif models.method.needs_teacher:
         cbs.on_progress(Progress("scoring", 0, tr.iterations))
-        state.scoring = scoring_pass(spec, models, train_ds, info)
+        try:
+            state.scoring = scoring_pass(spec, models, train_ds, info, cbs)
+        except StopRequested:  # before the first step: nothing to checkpoint
+            raise RunCancelled(state.iteration, None) from None
     net = D.wrap_ddp(models.student, info, sync_bn=sync_bn)
     if sync_bn and info.distributed:
         models.student = net.module  # type: ignore[assignment]
     cbs.on_progress(Progress("training", state.iteration, tr.iterations))
     final = train_loop(spec, models, net, stream, val_ds, state, out, info, cbs)
-    if final is None:  # resumed at the end, or nothing to do: evaluate the weights we have
-        cbs.on_progress(Progress("evaluating", state.iteration, tr.iterations))
-        final = _eval_student(spec, models, val_ds, info, amp)
+    # Training is over and its last checkpoint written: a stop from here on resumes into
+    # the evaluations and the export only.
+    last = out / CHECKPOINT_DIR / LATEST
+
+    def cancelled() -> RunCancelled:
+        return RunCancelled(state.iteration, last if info.is_main and last.is_file() else None)
+
     teacher_metrics = None
-    if models.teacher is not None:
-        cbs.on_progress(Progress("evaluating", state.iteration, tr.iterations))
-        with preserve_rng():
-            teacher_metrics = _eval_teacher(spec, models, val_ds, info, amp)
+    try:
+        if final is None:  # resumed at the end, or nothing to do: evaluate the weights we have
+            cbs.on_progress(Progress("evaluating", state.iteration, tr.iterations))
+            final = _eval_student(spec, models, val_ds, info, amp, cbs.should_stop)
+        if models.teacher is not None:
+            cbs.on_progress(Progress("evaluating", state.iteration, tr.iterations))
+            with preserve_rng():
+                teacher_metrics = _eval_teacher(spec, models, val_ds, info, amp,
+                                                cbs.should_stop)
+    except StopRequested:
+        raise cancelled() from None
     fingerprints = D.gather_fingerprints(models.student, info)
     cbs.on_progress(Progress("exporting", state.iteration, tr.iterations))
-    paths = {"checkpoint": out / CHECKPOINT_DIR / LATEST, "spec": out / "spec.json"}
+    paths = {"checkpoint": last, "spec": out / "spec.json"}
     summary: dict[str, Any] = {}
-    if info.is_main:
-        report = export_from_spec(models.student, out, spec, export_formats)
-        paths.update(report.paths)
-        summary = {"export": report.to_json()}
+    stopped = False
+    if info.is_main:  # only rank 0 exports: it polls alone, then tells the others
+        try:
+            report = export_from_spec(models.student, out, spec, export_formats,
+                                      should_stop=cbs.should_stop)
+            paths.update(report.paths)
+            summary = {"export": report.to_json()}
+        except StopRequested:
+            stopped = True
+    if D.broadcast_flag(stopped, info):
+        raise cancelled()
     result = RunResult(final, teacher_metrics, state.best, paths,
                        time.perf_counter() - t0, state.iteration, state.scoring)
+    if info.is_main and samples > 0:
+        sample_path = _write_samples(spec, models, val_ds, info, amp, out, samples)
+        if sample_path is not None:
+            paths["samples"] = sample_path
     if info.is_main:
         paths["metrics"] = write_metrics(out, spec, result, fingerprints, summary)
     D.barrier(info)
     return result
 
 
+def _write_samples(spec: RunSpec, models: Models, val_ds: Any, info: D.DistInfo,
+                   amp: torch.dtype | None, out: Path, n: int) -> Path | None:
+    """``samples.png`` (image | label | teacher | student); a failure here is logged, never
+    fatal: the run's real results are already written."""
+    columns = [m for m in (models.teacher, models.student) if m is not None]
+    try:
+        with preserve_rng():
+            grid = render_samples(
+                columns, val_ds, num_classes=spec.dataset.num_classes,
+                ignore_index=spec.dataset.ignore_index, mean=spec.dataset.mean,
+                std=spec.dataset.std, device=info.device, n=n, amp_dtype=amp)
+        return write_samples(out / "samples.png", grid)
+    except Exception:
+        log.warning("could not write samples.png", exc_info=True)
+        return None
+
+
 def _eval_teacher(spec: RunSpec, models: Models, val_ds: Any, info: D.DistInfo,
-                  amp: torch.dtype | None) -> dict[str, Any]:
+                  amp: torch.dtype | None,
+                  should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     assert models.teacher is not None
     return evaluate(
         models.teacher, val_ds, num_classes=spec.dataset.num_classes,
         ignore_index=spec.dataset.ignore_index, batch_size=spec.train.eval_batch_size,
         info=info, num_workers=min(spec.train.num_workers, 2), amp_dtype=amp,
-        class_names=spec.dataset.class_names,
+        class_names=spec.dataset.class_names, should_stop=should_stop,
     )
 
 
-def export_from_spec(model: nn.Module, out: Path, spec: RunSpec, formats: Sequence[str]) -> Any:
+def export_from_spec(model: nn.Module, out: Path, spec: RunSpec, formats: Sequence[str],
+                     should_stop: Callable[[], bool] | None = None) -> Any:
     """Export the student with everything ``model.json`` needs, taken from the spec."""
     ds = spec.dataset
     names = ds.class_names or [f"class_{i}" for i in range(ds.num_classes)]
@@ -352,6 +434,7 @@ def export_from_spec(model: nn.Module, out: Path, spec: RunSpec, formats: Sequen
         num_classes=ds.num_classes, class_names=names, mean=ds.mean, std=ds.std,
         output_stride=spec.student.output_stride, head_channels=int(model.feat_channels),  # type: ignore[arg-type]
         ignore_index=ds.ignore_index, formats=tuple(formats), input_hw=hw,
+        should_stop=should_stop,
     )
 
 

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The phase a succeeded job shows. DESIGN.md names the phases of a running job (preparing,
+# scoring, training, evaluating, exporting, uploading) but none for a finished one.
+FINAL_PHASE = "done"
+
 
 def _best_effort(what: str, fn: Callable[[], Any]) -> Any:
     """Run a bookkeeping write; a database or storage blip is logged, never fatal.
@@ -59,12 +63,17 @@ class DbProgress(Callback):
         self._last_cancel_check = -1e9
         self._cancel = False
         self.last_iteration = 0
+        self.max_iterations: int | None = None
 
     # -- engine hooks ---------------------------------------------------------------------
     def on_progress(self, progress: Progress) -> None:
         self.last_iteration = progress.iteration
+        self.max_iterations = progress.max_iterations
         phase_changed = progress.phase != self._last_phase
         if phase_changed:
+            # a held-back training report (the last losses and rates) goes in before the
+            # marker of the next phase, which carries none of them
+            self.flush()
             self.row.log("info", f"phase {progress.phase} at iteration {progress.iteration}")
         now = self._clock()
         if phase_changed or now - self._last_write >= self.min_interval_s:
@@ -97,10 +106,32 @@ class DbProgress(Callback):
                                              self.row.cancel_requested))
         return self._cancel
 
+    def cancel_requested_now(self) -> bool:
+        """``should_stop`` without its throttle: one read of the row (a cancel that arrived
+        after the engine's last poll must still win over the upload)."""
+        if self.stop_flag.is_set() or self._cancel:
+            return True
+        self._last_cancel_check = self._clock()
+        self._cancel = bool(_best_effort("reading the cancel flag", self.row.cancel_requested))
+        return self._cancel
+
     def set_phase(self, phase: str) -> None:
         """Worker-side phases the engine does not report (``uploading``)."""
         self.flush()
         self.row.progress(phase=phase, iteration=self.last_iteration)
+        self.row.log("info", f"phase {phase}")
+        self._last_phase = phase
+
+    def finish(self, phase: str = FINAL_PHASE) -> None:
+        """The last progress write of a successful run: ``phase`` (``done``), the final
+        iteration out of the total and no time left. Written before the row turns
+        ``succeeded`` (progress is only recorded on active jobs)."""
+        self.flush()
+        done = self.max_iterations if self.max_iterations is not None else self.last_iteration
+        self.last_iteration = max(self.last_iteration, done)
+        iteration, total = self.last_iteration, self.max_iterations
+        _best_effort("recording the final progress", lambda: self.row.progress(
+            phase=phase, iteration=iteration, max_iterations=total, eta_s=0.0))
         self.row.log("info", f"phase {phase}")
         self._last_phase = phase
 

@@ -8,10 +8,13 @@ The Celery task only calls this (so tests call it without a broker). The order o
    against the arch, the dataset's files) so a bad input fails in seconds as a *user* error,
    never retried.
 3. Train with callbacks that write progress to the row (throttled), upload checkpoints, and
-   stop cooperatively on cancel. A re-run (attempt > 1) resumes from the row's checkpoint.
-4. Upload the artifacts with their sha256, then finish the row. Every failure ends in a
-   stable error code (docs/CONTRACTS.md); unexpected ones are ``internal`` with the traceback
-   in the job log.
+   stop cooperatively on cancel: the engine polls during the scoring pass, training,
+   evaluations and between export formats, and the runner checks once more (unthrottled)
+   before uploading, so a cancel that arrives before the upload never ends ``succeeded``.
+   A re-run (attempt > 1) resumes from the row's checkpoint.
+4. Upload the artifacts with their sha256, set the final phase (``done``), then finish the
+   row. Every failure ends in a stable error code (docs/CONTRACTS.md); unexpected ones are
+   ``internal`` with the traceback in the job log.
 """
 
 from __future__ import annotations
@@ -121,33 +124,78 @@ def _run(ctx: RunContext) -> str:
             device = "cpu" if gpus == 0 else None
             train.run(run_spec, out_dir, callbacks=[ctx.progress], resume=resume, device=device)
     except RunCancelled as exc:
-        if ctx.progress.stop_flag.is_set():  # ownership lost: the row is someone else's
-            ctx.row.log("warning", "run stopped: job no longer owned by this worker")
-            return "lost"
-        ctx.row.log("info", f"cancelled at iteration {exc.iteration}")
-        ctx.row.finish("cancelled", message=f"cancelled at iteration {exc.iteration}")
-        outputs.cleanup(ctx, keep_checkpoints=False)
-        return "cancelled"
+        return _cancelled(ctx, f"cancelled at iteration {exc.iteration}")
+    except Exception as exc:
+        if is_out_of_memory(exc):  # with the spec, so the message names the current values
+            raise classify(exc, run_spec) from exc
+        raise
+    if ctx.progress.cancel_requested_now():  # came in after the engine's last poll
+        return _cancelled(ctx, "cancelled after the run finished, before its upload")
     ctx.progress.set_phase("uploading")
     outputs.upload_artifacts(ctx, out_dir)
+    ctx.progress.finish()  # phase ``done``, iteration = max_iterations, no ETA left
     ctx.row.finish("succeeded")
     ctx.row.log("info", "succeeded")
     outputs.cleanup(ctx, keep_checkpoints=False)
     return "succeeded"
 
 
-def classify(exc: BaseException) -> JobFailure:
-    """Map any exception to a stable error code (docs/CONTRACTS.md)."""
+def _cancelled(ctx: RunContext, message: str) -> str:
+    """End a stopped run: ``cancelled`` (nothing uploaded), or ``lost`` when the stop came
+    from losing the job to another worker (then the row is not ours to touch)."""
+    if ctx.progress.stop_flag.is_set():
+        ctx.row.log("warning", "run stopped: job no longer owned by this worker")
+        return "lost"
+    ctx.row.log("info", message)
+    ctx.row.finish("cancelled", message=message)
+    outputs.cleanup(ctx, keep_checkpoints=False)
+    return "cancelled"
+
+
+OOM_MARKERS = ("out of memory", "outofmemoryerror", "cublas_status_alloc_failed",
+               "cudnn_status_alloc_failed", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """``torch.cuda.OutOfMemoryError`` (also ``torch.OutOfMemoryError``), a RuntimeError
+    about memory (CUDA/MPS/cuBLAS/cuDNN allocation, the CPU allocator), or a multi-GPU run
+    whose ranks died of one (the marker is in the torchrun output)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    if type(exc).__name__ == "DistributedRunError":
+        tail = str(getattr(exc, "tail", "")).lower()
+        return any(marker in tail for marker in OOM_MARKERS)
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MARKERS)
+
+
+def out_of_memory_message(exc: BaseException, spec: Any = None) -> str:
+    """What ran out, and the knobs to turn (with the spec's current values when known)."""
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    if type(exc).__name__ == "DistributedRunError":
+        first = f"{first} (a rank ran out of memory)"
+    train, dataset = getattr(spec, "train", None), getattr(spec, "dataset", None)
+    batch = f"train.batch_size (now {train.batch_size})" if train else "train.batch_size"
+    crop = f"dataset.crop (now {list(dataset.crop)})" if dataset else "dataset.crop"
+    evalb = (f"train.eval_batch_size (now {train.eval_batch_size})" if train
+             else "train.eval_batch_size")
+    amp = ("" if train is not None and train.amp
+           else ", or enable train.amp (half-precision activations)")
+    return (f"the run ran out of memory: {first}. Lower {batch} or {crop}{amp}; if it "
+            f"happened while evaluating, lower {evalb} or dataset.resize. Not retried: the "
+            "same spec on the same hardware would run out again.")
+
+
+def classify(exc: BaseException, spec: Any = None) -> JobFailure:
+    """Map any exception to a stable error code (docs/CONTRACTS.md). ``spec`` (the run's,
+    when known) lets the ``out_of_memory`` message name the current batch size and crop."""
     if isinstance(exc, JobFailure):
         return exc
     name = type(exc).__name__
-    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError)
-                                      and "out of memory" in str(exc).lower()):
-        # The same spec on the same GPU would run out again: not retried. Smaller batch or
-        # crop, or AMP, is the fix.
-        return JobFailure("out_of_memory", f"the GPU ran out of memory: {exc}. Lower "
-                          "train.batch_size or dataset.crop, or enable train.amp.",
-                          user_error=True)
+    if is_out_of_memory(exc):
+        # Its own code, not a user error (the spec is valid; this GPU is too small for it).
+        # Like every failure the worker records, it is final: never retried automatically.
+        return JobFailure("out_of_memory", out_of_memory_message(exc, spec), user_error=False)
     if name == "WeightsError":
         reason = getattr(exc, "reason", "unreadable")
         return JobFailure(f"teacher_{reason}", str(exc), user_error=True)

@@ -125,3 +125,39 @@ def test_bookkeeping_failures_never_kill_the_run(tmp_path: Path) -> None:
     cb.on_progress(Progress("training", 1, 10, {"ce": 1.0}))
     cb.on_checkpoint(1, tmp_path / "last.pt")
     assert cb.should_stop() is False
+
+
+def test_phase_change_flushes_the_held_back_training_report_first() -> None:
+    row, clock = FakeRow(), Clock()
+    cb = DbProgress(row, min_interval_s=10.0, clock=clock)  # type: ignore[arg-type]
+    cb.on_progress(Progress("training", 0, 4))
+    clock.t = 1.0  # within the interval: held back
+    cb.on_progress(Progress("training", 4, 4, {"ce": 0.5}, 9.0, 0.0, 0.01))
+    cb.on_progress(Progress("exporting", 4, 4))
+    writes = _progress_writes(row)
+    assert [(w["phase"], w["iteration"]) for w in writes] == [
+        ("training", 0), ("training", 4), ("exporting", 4)]
+    assert writes[1]["losses"] == {"ce": 0.5} and writes[1]["images_per_s"] == 9.0
+
+
+def test_finish_writes_the_final_phase_and_progress() -> None:
+    row, clock = FakeRow(), Clock()
+    cb = DbProgress(row, min_interval_s=10.0, clock=clock)  # type: ignore[arg-type]
+    cb.on_progress(Progress("training", 0, 4))
+    clock.t = 1.0
+    cb.on_progress(Progress("training", 4, 4, {"ce": 0.5}, 9.0, 0.0, 0.01))  # held back
+    cb.finish()
+    writes = _progress_writes(row)
+    assert writes[-2]["iteration"] == 4 and writes[-2]["losses"] == {"ce": 0.5}  # flushed
+    assert writes[-1] == {"phase": "done", "iteration": 4, "max_iterations": 4, "eta_s": 0.0}
+    assert ("log", "phase done") in row.writes
+
+
+def test_cancel_requested_now_ignores_the_throttle() -> None:
+    row, clock = FakeRow(), Clock()
+    cb = DbProgress(row, min_interval_s=100.0, clock=clock)  # type: ignore[arg-type]
+    assert not cb.should_stop()
+    row.cancel = True
+    assert not cb.should_stop()  # throttled: the row is not read again
+    assert cb.cancel_requested_now() and cb.should_stop()
+    assert row.cancel_checks == 2

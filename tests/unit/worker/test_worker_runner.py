@@ -37,12 +37,14 @@ def test_succeeds_with_artifacts_and_is_idempotent(world, dataset_dir, teacher_f
     status = execute_job(job_id, settings=world.settings, worker_id="w1")
     assert status == "succeeded", world.logs(job_id)
     job = world.job(job_id)
-    assert (job.status, job.attempts, job.phase) == ("succeeded", 1, "uploading")
-    assert job.iteration == 4 and job.checkpoint_iteration == 4
+    assert (job.status, job.attempts, job.phase) == ("succeeded", 1, "done")
+    assert job.iteration == job.max_iterations == 4 and job.checkpoint_iteration == 4
+    assert job.eta_s == 0.0
     with world.session() as s:
         arts = {a.name: a for a in service.list_artifacts(s, job)}
     assert {"student.safetensors", "model.json", "student.torchscript.pt", "student.onnx",
-            "metrics.json"} <= set(arts)
+            "metrics.json", "samples.png"} <= set(arts)
+    assert arts["samples.png"].kind == "samples"
     for art in arts.values():
         blob = world.store.get_file(art.key, tmp_path / "dl" / art.name).read_bytes()
         assert hashlib.sha256(blob).hexdigest() == art.sha256 and len(blob) == art.size
@@ -170,10 +172,116 @@ def test_reaper_fails_out_of_attempts_and_cancels_cancelling(world, make_spec,
     assert world.job(cancelling).status == "cancelled"
 
 
+def _oom_errors() -> list[BaseException]:
+    import torch
+
+    from worker.multigpu import DistributedRunError
+
+    return [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate`"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                     "memory: you tried to allocate 9000000000 bytes"),
+        DistributedRunError(1, "rank 1: torch.OutOfMemoryError: CUDA out of memory."),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_out_of_memory_has_its_own_code_and_names_the_knobs(index: int) -> None:
+    exc = _oom_errors()[index]
+    failure = classify(exc)
+    assert (failure.code, failure.user_error) == ("out_of_memory", False)
+    for knob in ("train.batch_size", "dataset.crop", "train.amp"):
+        assert knob in failure.message
+
+
+def test_out_of_memory_message_shows_the_spec_values() -> None:
+    import torch
+
+    from pcd_core.spec import RunSpec
+
+    spec = RunSpec.model_validate({
+        "dataset": {"uri": "/d", "num_classes": 4, "crop": [360, 480]},
+        "student": {"arch": "deeplabv3_resnet18"}, "method": {"name": "none"},
+        "train": {"batch_size": 8, "amp": True}})
+    failure = classify(torch.cuda.OutOfMemoryError("CUDA out of memory.\nmore lines"), spec)
+    assert failure.code == "out_of_memory"
+    assert "train.batch_size (now 8)" in failure.message
+    assert "dataset.crop (now [360, 480])" in failure.message
+    assert "enable train.amp" not in failure.message  # it already is
+    assert "more lines" not in failure.message
+
+
 @pytest.mark.parametrize(("exc", "code", "user"), [
-    (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory", True),
+    (RuntimeError("CUDA error: device-side assert triggered"), "internal", False),
+    (RuntimeError("memory of the past"), "internal", False),
     (ValueError("boom"), "internal", False),
 ])
 def test_classify(exc: Exception, code: str, user: bool) -> None:
     failure = classify(exc)
     assert (failure.code, failure.user_error) == (code, user)
+
+
+def test_out_of_memory_in_the_run_fails_the_job_without_retry(
+        world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import pcd_core.train
+
+    def oom(*args: Any, **kwargs: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(pcd_core.train, "run", oom)
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None))
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "failed"
+    job = world.job(job_id)
+    assert (job.status, job.error_code, job.attempts) == ("failed", "out_of_memory", 1)
+    assert "train.batch_size (now 2)" in (job.error_message or "")
+    assert reap_once(world.settings, enqueue=lambda *a: pytest.fail("re-dispatched")) == []
+    with world.session() as s:
+        assert service.list_artifacts(s, job) == []
+
+
+def test_cancel_during_the_scoring_pass_ends_cancelled_before_training(
+        world, dataset_dir, teacher_file, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker import inputs
+
+    real_prepare = inputs.prepare
+
+    def prepare_then_cancel(spec: Any, ctx: Any) -> Any:
+        run_spec = real_prepare(spec, ctx)
+        with world.session() as s:  # the user cancels while the job is being prepared
+            service.request_cancel(s, s.get(Job, ctx.snap.job_id))
+        return run_spec
+
+    monkeypatch.setattr(inputs, "prepare", prepare_then_cancel)
+    teacher = world.upload(teacher_file, "checkpoint")
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", teacher, iterations=1000))
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "cancelled"
+    job = world.job(job_id)
+    assert (job.status, job.iteration, job.phase) == ("cancelled", 0, "scoring")
+    assert "cancelled at iteration 0" in world.logs(job_id)
+    with world.session() as s:
+        assert service.list_artifacts(s, job) == []
+
+
+def test_cancel_after_the_run_but_before_upload_wins(
+        world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcd_core.train
+
+    def run_then_cancel(spec: Any, out_dir: Path, **kwargs: Any) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("student.safetensors", "model.json", "samples.png"):
+            (out_dir / name).write_bytes(b"x")
+        with world.session() as s:  # arrives after the engine's last poll
+            service.request_cancel(s, s.get(Job, job_id))
+
+    monkeypatch.setattr(pcd_core.train, "run", run_then_cancel)
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None))
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "cancelled"
+    job = world.job(job_id)
+    assert job.status == "cancelled"
+    with world.session() as s:
+        assert service.list_artifacts(s, job) == []
