@@ -69,16 +69,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     p.add_argument("--out", type=Path, help="default bench/results/ablate_<scale>.json")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--variants", nargs="+", metavar="KEY=VALUE",
+                   help="only these alternatives (e.g. method.weight=1.0), default all")
+    p.add_argument("--threads", type=int, help="torch threads (see accuracy.py --threads)")
     return p.parse_args(argv)
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
     """(group, overrides, seed): seeds inner, so each alternative completes both seeds."""
-    return [(g, ov, seed) for g in args.groups for ov in GROUPS[g] for seed in args.seeds]
+    return [(g, ov, seed) for g in args.groups for ov in _variants(args, g)
+            for seed in args.seeds]
+
+
+def _variants(args: argparse.Namespace, group: str) -> list[dict[str, Any]]:
+    """The group's alternatives, filtered by ``--variants`` (the default is kept always)."""
+    wanted = set(args.variants or [])
+    return [ov for ov in GROUPS[group] if not wanted or not ov
+            or any(f"{k}={v}" in wanted for k, v in ov.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     scale = SCALES[args.scale]
     t_arch = TEACHERS[args.scale]
     t_spec = teacher_spec(scale, t_arch)
@@ -96,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> list[dict]:
     rows = []
     for group in args.groups:
-        for ov in GROUPS[group]:
+        for ov in _variants(args, group):
             scores = []
             for seed in args.seeds:
                 spec = student_spec(scale, args.student, "pcd", seed, t_arch, t_dir, ov,
