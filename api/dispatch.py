@@ -9,6 +9,16 @@ kombu, Celery's own transport library, is exactly what ``send_task`` would put o
 Why a protocol injected as a dependency: the route enqueues only after the job row is
 committed (the worker reloads the row by id and must find it), and unit tests substitute a
 recording fake instead of running a broker.
+
+Where the broker is and how queues are declared comes from ``jobs.broker``, which the
+worker's Celery app uses too, so both sides resolve the same URL, folders and queues.
+
+When the broker is down at submission (``enqueue`` raises): ``POST /jobs`` has already
+committed the row, logs the failure and still answers 201 with ``"status": "queued"``
+(``api.routes.jobs._enqueue``). The job is not lost: a job left ``queued`` for longer than
+``PCD_REDISPATCH_AFTER_S`` (default 900 s) without a worker claiming it gets its message
+sent again by the reaper (``worker.reaper.reap_once``), as does one whose message the broker
+dropped. A duplicate is harmless: the worker's claim is a compare-and-set.
 """
 
 from __future__ import annotations
@@ -22,11 +32,15 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
 
-from kombu import Connection, Exchange, Queue
+from kombu import Connection
+
+from jobs import broker
+from jobs.broker import TASK_RUN_JOB
 
 log = logging.getLogger(__name__)
 
-TASK_RUN_JOB = "pcd.run_job"  # the name the worker registers (worker/celery_app.py)
+__all__ = ["TASK_RUN_JOB", "Dispatcher", "KombuDispatcher", "RecordingDispatcher",
+           "connection_args", "filesystem_folder", "task_message"]
 
 
 class Dispatcher(Protocol):
@@ -40,34 +54,15 @@ class Dispatcher(Protocol):
 
 
 def filesystem_folder(broker_url: str, work_dir: str | os.PathLike[str]) -> Path:
-    """The filesystem transport's folder, resolved as the worker resolves it.
-
-    Mirrors ``worker.celery_app.filesystem_broker_folder`` (which the API may not import):
-    ``filesystem://`` alone means ``<work_dir>/broker``; otherwise the URL names the folder.
-    """
-    rest = broker_url[len("filesystem://"):]
-    if rest:
-        return Path(rest).expanduser().resolve()
-    return (Path(work_dir).expanduser() / "broker").resolve()
+    """The filesystem transport's folder (``jobs.broker.filesystem_broker_folder``, which the
+    worker uses too): ``filesystem://`` alone means ``<work_dir>/broker``."""
+    return broker.filesystem_broker_folder(broker_url, work_dir)
 
 
 def connection_args(broker_url: str, work_dir: str | os.PathLike[str],
                     visibility_timeout_s: int | None = None) -> tuple[str, dict[str, Any]]:
-    """(kombu URL, transport options) matching the worker's configuration."""
-    options: dict[str, Any] = {}
-    if visibility_timeout_s:
-        options["visibility_timeout"] = visibility_timeout_s
-    if broker_url.startswith("filesystem://"):
-        folder = filesystem_folder(broker_url, work_dir)
-        for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        options.update(data_folder_in=str(folder / "queue"),
-                       data_folder_out=str(folder / "queue"),
-                       processed_folder=str(folder / "processed"),
-                       control_folder=str(folder / "control"),
-                       store_processed=False)
-        return "filesystem://", options
-    return broker_url, options
+    """(kombu URL, transport options) matching the worker's (``jobs.broker.connection_args``)."""
+    return broker.connection_args(broker_url, work_dir, visibility_timeout_s)
 
 
 def task_message(task: str, args: list[Any], task_id: str | None = None
@@ -102,8 +97,8 @@ class KombuDispatcher:
 
     def enqueue(self, job_id: str, queue: str) -> None:
         body, headers, properties = task_message(TASK_RUN_JOB, [job_id])
-        exchange = Exchange(queue, type="direct")
-        declared = Queue(queue, exchange, routing_key=queue)
+        declared = broker.job_queue(queue)  # as the worker declares it (jobs.broker)
+        exchange = declared.exchange
         with self._connection() as conn:
             producer = conn.Producer(serializer="json")
             # ``declare`` makes the queue exist before the first worker starts, so the message

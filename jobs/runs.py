@@ -5,7 +5,9 @@ Every function takes an open session and does not commit: the worker wraps each 
 own short ``session_scope()`` (hours-long transactions would block SQLite's single writer).
 Status changes go through ``jobs.state``; the rest are plain column writes on the row, made
 only while a worker owns the job (status ``running`` or ``cancelling``) so a late write from
-a worker that lost the job cannot overwrite a newer attempt's row.
+a worker that lost the job cannot overwrite a newer attempt's row. The one write on a job
+no worker owns is the reaper's re-dispatch stamp (``mark_redispatched``: ``updated_at`` of a
+``queued`` job, a compare-and-set).
 
 Non-finite numbers (a diverged loss) are stored as JSON ``null`` in ``losses``/``metrics``
 and skipped in the metric series: SQLite and JSON have no NaN.
@@ -167,6 +169,32 @@ def find_stale_jobs(session: Session, cutoff: datetime) -> list[Job]:
     return list(session.scalars(stmt))
 
 
+def find_unclaimed_jobs(session: Session, cutoff: datetime) -> list[Job]:
+    """``queued`` jobs not updated since ``cutoff`` (now - ``redispatch_after_s``): candidates
+    for a re-dispatch, oldest first. Their broker message may never have been published
+    (broker down at submission) or may have been lost; or they simply wait in a backlog."""
+    stmt = (select(Job).where(Job.status == state.QUEUED, Job.updated_at < cutoff)
+            .order_by(Job.updated_at, Job.id))
+    return list(session.scalars(stmt))
+
+
+def mark_redispatched(session: Session, job_id: str, cutoff: datetime, now: datetime) -> bool:
+    """Take the right to re-send ``job_id``'s message for this window: set ``updated_at`` to
+    ``now`` if the job is still ``queued`` and not updated since ``cutoff``.
+
+    A compare-and-set, so of several reapers (``pcd serve`` and every worker) one wins per
+    window, and a job claimed meanwhile (``running``) is left alone. Returns True when this
+    caller won: it sends the message after commit. A job re-sent is not re-sent again before
+    another ``redispatch_after_s``. Does not commit.
+    """
+    stmt = (update(Job).where(Job.id == job_id, Job.status == state.QUEUED,
+                              Job.updated_at < cutoff)
+            .values(updated_at=now).execution_options(synchronize_session=False))
+    result = session.execute(stmt)
+    assert isinstance(result, CursorResult)
+    return result.rowcount == 1
+
+
 def requeue_or_fail(session: Session, job: Job, *, max_attempts: int | None = None,
                     reason: str | None = None) -> Outcome | None:
     """Recover a job whose worker is gone (called by the reaper on ``find_stale_jobs``).
@@ -206,8 +234,10 @@ __all__ = [
     "append_metrics",
     "fail_job",
     "find_stale_jobs",
+    "find_unclaimed_jobs",
     "finish_job",
     "heartbeat",
+    "mark_redispatched",
     "record_artifact",
     "record_checkpoint",
     "record_progress",

@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)
     reaper_interval_s: float | None = Field(
         default=None, gt=0, description="seconds between reaper passes; None = timeout / 4")
+    # A job still ``queued`` (unclaimed) this long after its last update gets its broker
+    # message sent again by the reaper: the message was never published (broker down at
+    # POST /jobs: the API still answers 201, the row is committed) or the broker lost it
+    # (Redis restarted without persistence). Once per window per job; a duplicate message is
+    # harmless (the worker's claim is a compare-and-set). A job that waits in a long backlog
+    # behind other jobs is re-sent once per window too: raise this where queues are deep.
+    redispatch_after_s: float = Field(
+        default=900.0, gt=0,
+        description="seconds a queued job may wait unclaimed before the reaper re-sends it")
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="minimum seconds between progress writes of a run")
     # Redis redelivers an unacknowledged message after this: it must exceed any run's

@@ -30,48 +30,29 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
-from kombu import Exchange, Queue
 
+from jobs import broker
+from jobs.broker import DEFAULT_QUEUE, QUEUES, TASK_RUN_JOB
 from jobs.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-TASK_RUN_JOB = "pcd.run_job"
-QUEUES = ("gpu", "cpu")
+__all__ = ["QUEUES", "TASK_RUN_JOB", "allow_child_processes", "app", "celery_config",
+           "filesystem_broker_folder", "make_app"]
 
 
 def filesystem_broker_folder(broker_url: str, settings: Settings) -> Path:
-    """Folder of the filesystem transport: the URL's path, else ``<work_dir>/broker``.
-
-    ``filesystem://`` alone means the embedded default; ``filesystem:///abs/dir`` or
-    ``filesystem://./rel/dir`` name the folder explicitly.
-    """
-    rest = broker_url[len("filesystem://"):]
-    if rest:
-        return Path(rest).expanduser().resolve()
-    return (Path(settings.work_dir).expanduser() / "broker").resolve()
+    """Folder of the filesystem transport (``jobs.broker.filesystem_broker_folder``)."""
+    return broker.filesystem_broker_folder(broker_url, settings.work_dir)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """The Celery configuration for ``settings`` (a pure function, so tests can inspect it)."""
-    broker_url = settings.broker_url
-    transport_options: dict[str, Any] = {"visibility_timeout": settings.visibility_timeout_s}
-    if broker_url.startswith("filesystem://"):
-        folder = filesystem_broker_folder(broker_url, settings)
-        for sub in ("queue", "processed", "control"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        broker_url = "filesystem://"
-        # in == out: producers and consumers share one folder on this host. The control
-        # folder holds exchange bindings (and remote-control fanout) across processes; its
-        # default is a *relative* "control", which would differ per working directory.
-        transport_options.update(
-            data_folder_in=str(folder / "queue"),
-            data_folder_out=str(folder / "queue"),
-            processed_folder=str(folder / "processed"),
-            control_folder=str(folder / "control"),
-            store_processed=False,
-        )
-    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
+    """The Celery configuration for ``settings`` (a pure function, so tests can inspect it).
+
+    The broker URL, transport options (filesystem folders, visibility timeout) and queue
+    declarations come from ``jobs.broker``, which the API's kombu publisher uses too.
+    """
+    broker_url, transport_options = broker.broker_args(settings)
     return {
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
@@ -87,10 +68,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_max_tasks_per_child": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": False,
-        "task_queues": queues,
-        "task_default_queue": "gpu",
+        "task_queues": broker.job_queues(),
+        "task_default_queue": DEFAULT_QUEUE,
         "task_create_missing_queues": False,
-        "task_routes": {TASK_RUN_JOB: {"queue": "gpu"}},
+        "task_routes": {TASK_RUN_JOB: {"queue": DEFAULT_QUEUE}},
         # Jobs last hours: no time limits here; cancellation is the user's lever.
         "task_time_limit": None,
         "task_soft_time_limit": None,

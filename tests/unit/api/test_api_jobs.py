@@ -161,4 +161,29 @@ def test_broker_failure_keeps_the_job_queued(
     dispatcher.fail = True
     r = client.post("/jobs", json=SPEC, headers=auth(key))
     assert r.status_code == 201  # the row is the truth; the reaper re-dispatches it
+    assert r.json()["status"] == "queued" and r.headers["Location"] == f"/jobs/{r.json()['id']}"
     assert factory.job_status(r.json()["id"]) == "queued"
+    assert dispatcher.sent == []
+
+
+def test_submission_during_a_broker_outage_is_repaired_by_the_reaper(
+        client: TestClient, factory: Factory, dispatcher: Any, settings: Any) -> None:
+    """Broker down at POST: 201 ``queued``; once ``redispatch_after_s`` has passed, the
+    reaper sends the job's message to the job's queue (with the broker back)."""
+    from datetime import datetime, timedelta, timezone
+
+    from worker.reaper import Reaped, reap_once
+
+    _, key = factory.team("a")
+    dispatcher.fail = True
+    r = client.post("/jobs", json=SPEC, headers=auth(key))
+    assert r.status_code == 201 and r.json()["status"] == "queued"
+    job_id = r.json()["id"]
+    dispatcher.fail = False  # the broker is back
+    now = datetime.now(timezone.utc)
+    assert reap_once(settings, now=now, enqueue=dispatcher.enqueue) == []
+    later = now + timedelta(seconds=settings.redispatch_after_s + 1)
+    assert reap_once(settings, now=later, enqueue=dispatcher.enqueue) == [
+        Reaped(job_id, "redispatched")]
+    assert dispatcher.sent == [(job_id, SPEC["resources"]["queue"])]
+    assert client.get(f"/jobs/{job_id}", headers=auth(key)).json()["status"] == "queued"

@@ -77,3 +77,47 @@ def test_requeue_by_a_second_reaper_is_a_no_op(session: Session) -> None:
     job = _running(session, make_job(session, team))
     assert service.requeue_or_fail(session, job) == "requeued"
     assert service.requeue_or_fail(session, job) is None
+
+
+# --- lost messages: queued jobs no worker claimed ---------------------------------------------
+
+
+def test_unclaimed_queued_jobs_are_found_after_the_window_only(session: Session) -> None:
+    team = service.create_team(session, "a")
+    job = make_job(session, team)
+    session.commit()
+    assert service.find_unclaimed_jobs(session, utcnow() - timedelta(seconds=900)) == []
+    assert service.find_unclaimed_jobs(session, utcnow() + timedelta(seconds=1)) == [job]
+
+
+def test_redispatch_stamp_wins_once_per_window(session: Session) -> None:
+    team = service.create_team(session, "a")
+    job = make_job(session, team)
+    session.commit()
+    now = utcnow() + timedelta(seconds=1000)
+    cutoff = now - timedelta(seconds=900)
+    assert service.mark_redispatched(session, job.id, cutoff, now)
+    # a second reaper with the same view of the window loses: updated_at is now ``now``
+    assert not service.mark_redispatched(session, job.id, cutoff, now)
+    session.commit()
+    session.refresh(job)
+    assert job.updated_at == now and job.status == "queued"
+    assert service.find_unclaimed_jobs(session, cutoff) == []
+    later = now + timedelta(seconds=901)
+    assert service.find_unclaimed_jobs(session, later - timedelta(seconds=900)) == [job]
+
+
+def test_running_and_terminal_jobs_are_never_unclaimed(session: Session) -> None:
+    team = service.create_team(session, "a")
+    running = _running(session, make_job(session, team))
+    failed = make_job(session, team)
+    service.fail_job(session, failed, "dataset_empty", "no images")
+    cancelled = make_job(session, team)
+    service.request_cancel(session, cancelled)
+    session.commit()
+    assert {running.status, failed.status, cancelled.status} == {"running", "failed",
+                                                                  "cancelled"}
+    far = utcnow() + timedelta(days=30)
+    assert service.find_unclaimed_jobs(session, far) == []
+    for job in (running, failed, cancelled):
+        assert not service.mark_redispatched(session, job.id, far, far)

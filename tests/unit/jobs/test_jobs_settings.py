@@ -57,3 +57,11 @@ def test_prod_with_all_defaults_lists_every_problem() -> None:
 def test_heartbeat_timeout_must_cover_missed_beats() -> None:
     with pytest.raises(ValidationError, match="heartbeat_timeout_s"):
         Settings(heartbeat_interval_s=10, heartbeat_timeout_s=15)
+
+
+def test_redispatch_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().redispatch_after_s == 900.0
+    monkeypatch.setenv("PCD_REDISPATCH_AFTER_S", "30")
+    assert Settings().redispatch_after_s == 30.0
+    with pytest.raises(ValidationError, match="redispatch_after_s"):
+        Settings(redispatch_after_s=0)
