@@ -1,34 +1,41 @@
 """Reliability under worker death: SIGKILL the worker running a job, N times, and count.
 
-    python bench/reliability.py            # N = 20
-    python bench/reliability.py --n 5 --iterations 60 --checkpoint-every 10
+    python bench/reliability.py                  # N = 10
+    python bench/reliability.py --n 5 --iterations 40 --checkpoint-every 10
 
 The cluster is the integration tests' (tests/integration/_procs.py): a uvicorn API and two
 Celery workers (prefork, one child each, separate work/cache folders as separate nodes would
 have) on a fresh PostgreSQL database, a private Redis and a fresh SeaweedFS S3 prefix, all
-on loopback; ``scripts/services.sh up`` starts PostgreSQL/SeaweedFS if they are down.
+on loopback; ``scripts/services.sh up`` starts PostgreSQL/Redis/SeaweedFS if they are down.
+Recovery timers are the tests' too: heartbeat every 1 s, a job is stale after 4 s without
+one, a reaper pass every 1 s in each worker (production: 10 s / 120 s / 30 s).
 
 Each round submits a tiny PCD job, waits for its first S3 checkpoint plus a random number of
-further iterations, SIGKILLs the whole process group of the worker that owns the job
-(parent and child: a dead node), restarts that worker, and waits for the job to end. Per
-round it records:
+further iterations (0 to ``checkpoint_every - 1``), SIGKILLs the whole process group of the
+worker that owns the job (parent and child: a dead node, no cleanup), restarts that worker
+at once (a node coming back), and follows the job to its end. Per round it records:
 
-- lost: the job did not end ``succeeded`` within the deadline;
-- duplicated: ``succeeded`` twice in its history, an artifact recorded or uploaded twice,
-  or more attempts started than claims recorded;
+- lost: the job did not end ``succeeded`` within ``--deadline`` (failed, or still going);
+- duplicated: ``succeeded`` twice in the history, an artifact listed twice or stored in S3
+  under another name set than listed, more attempts started than claims recorded, or
+  checkpoints left in S3 after the end;
 - resumed: attempt 2 resumed from a checkpoint at iteration > 0;
 - extra iterations: the iteration the row showed at the kill minus the checkpoint iteration
   attempt 2 resumed from (work done twice). The row's iteration is written at most every
-  ``PCD_PROGRESS_INTERVAL_S`` (0.2 s), so this is a lower bound by at most that much work.
+  ``PCD_PROGRESS_INTERVAL_S`` (0.2 s), so this is a lower bound by at most that much work;
+- recovery times from the kill (database timestamps; the database runs on this host):
+  ``detect`` (the reaper re-queued it), ``reclaim`` (a worker claimed attempt 2),
+  ``caught_up`` (attempt 2's row passed the iteration of the kill: the lost work is redone)
+  and ``done`` (succeeded).
 
-Prints a table and writes ``bench/results/reliability.json``.
+Prints a table and writes ``bench/results/reliability.json`` (with the command line and the
+machine's facts: cores, load, service versions).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import contextlib
 import random
 import re
 import signal
@@ -37,6 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +53,22 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 # the harness lives with the integration tests (tests/integration/_procs.py, _inputs.py)
 from _inputs import job_spec, upload_inputs  # noqa: E402
-from _procs import Cluster, db_row, open_cluster, services_up, wait_for  # noqa: E402
+from _procs import Cluster, db_row, db_rows, open_cluster, services_up, wait_for  # noqa: E402
 
+from bench._common import write_json  # noqa: E402
+from bench._prodfacts import command_line, load_average, machine_facts  # noqa: E402
 from client.api import PcdClient  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "reliability.json"
+TERMINAL = ("succeeded", "failed", "cancelled")
+TIMER_SETTINGS = ("PCD_HEARTBEAT_INTERVAL_S", "PCD_HEARTBEAT_TIMEOUT_S",
+                  "PCD_REAPER_INTERVAL_S", "PCD_PROGRESS_INTERVAL_S", "PCD_MAX_ATTEMPTS",
+                  "PCD_REDISPATCH_AFTER_S")
 
 
 @dataclass
 class Round:
-    """What one kill did to one job."""
+    """What one kill did to one job (times in seconds after the kill)."""
 
     index: int
     job_id: str
@@ -62,15 +76,43 @@ class Round:
     attempts: int
     killed_worker: str
     killed_at_iteration: int
+    checkpoint_at_kill: int
     resumed_from: int | None
     extra_iterations: int | None
+    detect_s: float | None
+    reclaim_s: float | None
+    caught_up_s: float | None
+    done_s: float | None
     lost: bool
     duplicated: bool
-    seconds: float
+    duplicate_reasons: list[str]
+    round_s: float
 
 
 def _log(client: PcdClient, job_id: str) -> str:
     return "\n".join(line["message"] for line in client.logs(job_id)["lines"])
+
+
+def _row(db: str, job_id: str, columns: str) -> tuple[Any, ...]:
+    found = db_row(db, f"SELECT {columns} FROM jobs WHERE id = %s", job_id)
+    if found is None:
+        raise RuntimeError(f"job {job_id} has no row")
+    return found
+
+
+def _since(t: datetime | None, t_kill: datetime) -> float | None:
+    return None if t is None else round((t - t_kill).total_seconds(), 2)
+
+
+def _stored_keys(cluster: Cluster, job_id: str) -> list[str]:
+    from jobs.storage import open_store
+
+    env = cluster.env
+    store = open_store(env["PCD_STORAGE_URL"], endpoint_url=env["PCD_S3_ENDPOINT_URL"],
+                       access_key=env["AWS_ACCESS_KEY_ID"],
+                       secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                       region=env["AWS_DEFAULT_REGION"])
+    return sorted(info.key for info in store.list(f"jobs/{job_id}/"))
 
 
 def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str, str],
@@ -79,42 +121,75 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
     job = client.submit(job_spec(inputs, f"kill-{index}", iterations=args.iterations,
                                  checkpoint_every=args.checkpoint_every))
     job_id, db = job["id"], cluster.database_url
-    first = wait_for(lambda: (db_row(db, "SELECT checkpoint_iteration FROM jobs WHERE id = %s",
-                                     job_id) or (None,))[0], 180, "a first checkpoint")
+    first = wait_for(lambda: _row(db, job_id, "checkpoint_iteration")[0], 180,
+                     "a first checkpoint")
     # kill somewhere between this checkpoint and the next one
     target = first + rng.randrange(0, args.checkpoint_every)
-    wait_for(lambda: (db_row(db, "SELECT iteration FROM jobs WHERE id = %s", job_id)
-                      or (0,))[0] >= target, 60, f"iteration {target}", poll=0.05)
-    worker_id, killed_at = db_row(db, "SELECT worker_id, iteration FROM jobs WHERE id = %s",
-                                  job_id) or (None, 0)
+    wait_for(lambda: (_row(db, job_id, "iteration")[0] or 0) >= target, 90,
+             f"iteration {target}", poll=0.05)
+    (worker_id,) = _row(db, job_id, "worker_id")
     victim = cluster.owner_of(int(str(worker_id).split(":")[1])) if worker_id else None
     if victim is None:
         raise RuntimeError(f"round {index}: no live owner for worker id {worker_id}")
     cluster.signal(victim, signal.SIGKILL)
+    t_kill = datetime.now(timezone.utc)
+    killed_at, ckpt_at_kill = _row(db, job_id, "iteration, checkpoint_iteration")
     cluster.start_worker(victim)
-    try:
-        done = wait_for(lambda: _terminal(client, job_id), args.deadline, f"job {job_id}")
-    except AssertionError:
-        done = client.get(job_id)
+
+    caught_up: datetime | None = None
+
+    def follow() -> bool:
+        nonlocal caught_up
+        # a claim restarts the row's iteration at the checkpoint (jobs.state.claim_job)
+        status, attempts, phase, iteration = _row(db, job_id,
+                                                  "status, attempts, phase, iteration")
+        if caught_up is None and attempts >= 2 and (
+                status == "succeeded" or (phase == "training" and iteration >= killed_at)):
+            caught_up = datetime.now(timezone.utc)
+        return status in TERMINAL
+
+    with contextlib.suppress(AssertionError):  # past the deadline: counted as lost below
+        wait_for(follow, args.deadline, f"job {job_id}", poll=0.1)
+    done = client.get(job_id)
+    transitions = db_rows(db, "SELECT to_status, at FROM job_transitions WHERE job_id = %s "
+                              "ORDER BY id", job_id)
+    after = [(s, at) for s, at in transitions if at >= t_kill]
+    detect = next((at for s, at in after if s == "queued"), None)
+    reclaim = next((at for s, at in after if s == "running"), None)
+    finished = next((at for s, at in after if s == "succeeded"), None)
+
     text = _log(client, job_id)
     resumed = re.search(r"resuming from checkpoint at iteration (\d+)", text)
     resumed_from = int(resumed.group(1)) if resumed else None
     history = [t["to_status"] for t in done["transitions"]]
     names = [a["name"] for a in client.artifacts(job_id)]
-    duplicated = (history.count("succeeded") > 1 or len(names) != len(set(names))
-                  or text.count("artifacts uploaded:") > 1
-                  or len(re.findall(r"^attempt \d+ started", text, re.M))
-                  > history.count("running"))
+    keys = _stored_keys(cluster, job_id)
+    stored = sorted(k.rsplit("/", 1)[-1] for k in keys if "/artifacts/" in k)
+    reasons = [reason for reason, bad in (
+        ("succeeded twice", history.count("succeeded") > 1),
+        ("artifact listed twice", len(names) != len(set(names))),
+        ("S3 artifacts differ from the listing", stored != sorted(names)),
+        ("uploaded twice", text.count("artifacts uploaded:") > 1),
+        ("more attempts started than claimed",
+         len(re.findall(r"^attempt \d+ started", text, re.M)) > history.count("running")),
+        ("checkpoints left in S3", any("/checkpoints/" in k for k in keys)),
+    ) if bad]
     cluster.wait_worker_ready(victim)
-    return Round(index, job_id, done["status"], done["attempts"], victim, int(killed_at),
-                 resumed_from, None if resumed_from is None else int(killed_at) - resumed_from,
-                 lost=done["status"] != "succeeded", duplicated=duplicated,
-                 seconds=round(time.monotonic() - t0, 1))
+    return Round(
+        index, job_id, done["status"], done["attempts"], victim, int(killed_at),
+        int(ckpt_at_kill or 0), resumed_from,
+        None if resumed_from is None else int(killed_at) - resumed_from,
+        _since(detect, t_kill), _since(reclaim, t_kill), _since(caught_up, t_kill),
+        _since(finished, t_kill), lost=done["status"] != "succeeded",
+        duplicated=bool(reasons), duplicate_reasons=reasons,
+        round_s=round(time.monotonic() - t0, 1))
 
 
-def _terminal(client: PcdClient, job_id: str) -> dict[str, Any] | None:
-    job = client.get(job_id)
-    return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"median": None, "max": None}
+    return {"median": round(statistics.median(vals), 2), "max": round(max(vals), 2)}
 
 
 def summarise(rounds: list[Round]) -> dict[str, Any]:
@@ -126,61 +201,78 @@ def summarise(rounds: list[Round]) -> dict[str, Any]:
         "resumed": sum(r.resumed_from is not None and r.resumed_from > 0 for r in rounds),
         "extra_iterations_mean": round(statistics.fmean(extra), 2) if extra else None,
         "extra_iterations_max": max(extra) if extra else None,
-        "recovery_seconds_median": statistics.median(r.seconds for r in rounds)
-        if rounds else None,
+        "detect_s": _stats([r.detect_s for r in rounds]),
+        "reclaim_s": _stats([r.reclaim_s for r in rounds]),
+        "caught_up_s": _stats([r.caught_up_s for r in rounds]),
+        "done_s": _stats([r.done_s for r in rounds]),
     }
 
 
-def print_table(rounds: list[Round], summary: dict[str, Any]) -> None:
-    print(f"{'#':>3} {'status':<10} {'att':>3} {'killed@':>7} {'resumed@':>8} {'extra':>5} "
-          f"{'lost':>4} {'dup':>3} {'s':>6}")
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def print_table(rounds: list[Round], summary: dict[str, Any], args: argparse.Namespace
+                ) -> None:
+    print(f"{'#':>3} {'status':<10} {'att':>3} {'killed@':>7} {'ckpt':>4} {'resumed@':>8} "
+          f"{'extra':>5} {'detect':>6} {'reclaim':>7} {'caught':>6} {'done':>6} {'lost':>4} "
+          f"{'dup':>3}")
     for r in rounds:
         print(f"{r.index:>3} {r.status:<10} {r.attempts:>3} {r.killed_at_iteration:>7} "
-              f"{r.resumed_from if r.resumed_from is not None else '-':>8} "
-              f"{r.extra_iterations if r.extra_iterations is not None else '-':>5} "
-              f"{int(r.lost):>4} {int(r.duplicated):>3} {r.seconds:>6.1f}")
-    print(f"\njobs: {summary['rounds']}  lost: {summary['lost']}  duplicated: "
-          f"{summary['duplicated']}  resumed: {summary['resumed']}  extra iterations per "
-          f"resume: mean {summary['extra_iterations_mean']}, max "
-          f"{summary['extra_iterations_max']}  (checkpoint every {ARGS.checkpoint_every})")
-
-
-ARGS = argparse.Namespace()
+              f"{r.checkpoint_at_kill:>4} {_cell(r.resumed_from):>8} "
+              f"{_cell(r.extra_iterations):>5} {_cell(r.detect_s):>6} {_cell(r.reclaim_s):>7} "
+              f"{_cell(r.caught_up_s):>6} {_cell(r.done_s):>6} {int(r.lost):>4} "
+              f"{int(r.duplicated):>3}")
+    s = summary
+    print(f"\njobs: {s['rounds']}  lost: {s['lost']}  duplicated: {s['duplicated']}  "
+          f"resumed: {s['resumed']}  extra iterations per resume: mean "
+          f"{s['extra_iterations_mean']}, max {s['extra_iterations_max']} "
+          f"(checkpoint every {args.checkpoint_every})")
+    print("seconds after the kill (median / max): "
+          + "  ".join(f"{k[:-2]} {s[k]['median']} / {s[k]['max']}"
+                      for k in ("detect_s", "reclaim_s", "caught_up_s", "done_s")))
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ARGS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20, help="kill rounds (default 20)")
-    parser.add_argument("--iterations", type=int, default=40, help="training iterations")
+    parser.add_argument("--n", type=int, default=10, help="kill rounds (default 10)")
+    parser.add_argument("--iterations", type=int, default=30, help="training iterations")
     parser.add_argument("--checkpoint-every", type=int, default=10)
     parser.add_argument("--deadline", type=float, default=180,
                         help="seconds a killed job gets to finish")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    ARGS = args = parser.parse_args(argv)
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     rounds: list[Round] = []
+    t0 = time.monotonic()
+    services = services_up()
+    facts = machine_facts(services.get("PCD_DATABASE_URL"))
     with tempfile.TemporaryDirectory(prefix="pcd-reliability-") as tmp:
         root = Path(tmp)
-        with open_cluster(root / "cluster", services_up()) as cluster:
+        with open_cluster(root / "cluster", services) as cluster:
+            timers = {k: cluster.env.get(k) for k in TIMER_SETTINGS}
             inputs = upload_inputs(cluster, root / "inputs")
             with PcdClient(cluster.url, cluster.api_key) as client:
                 for i in range(args.n):
                     rounds.append(one_round(i, cluster, client, inputs, args, rng))
                     r = rounds[-1]
                     print(f"round {i}: {r.status} attempts={r.attempts} killed@"
-                          f"{r.killed_at_iteration} resumed@{r.resumed_from}", flush=True)
+                          f"{r.killed_at_iteration} resumed@{r.resumed_from} "
+                          f"done {r.done_s}s after the kill", flush=True)
     summary = summarise(rounds)
-    print_table(rounds, summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "summary": summary, "rounds": [asdict(r) for r in rounds],
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"host": platform.node(), "python": platform.python_version(),
-                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")},
-    }, indent=2))
-    print(f"wrote {args.out}")
+    print_table(rounds, summary, args)
+    facts["load_average_at_end"] = load_average()
+    out = write_json(args.out, {
+        "command": command_line(),
+        "summary": summary,
+        "rounds": [asdict(r) for r in rounds],
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "timers": timers, "workers": 2, "job": "tiny PCD, 32x48, batch 2, cpu"},
+        "wall_s": round(time.monotonic() - t0, 1),
+        "machine": facts,
+    })
+    print(f"wrote {out}")
     return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
 
 

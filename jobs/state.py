@@ -144,12 +144,17 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> bool:
     worker, finished, cancelled, or unknown. This makes the Celery task idempotent: a second
     delivery of the same job id does nothing. On success: ``worker_id`` and ``heartbeat_at``
     set, ``attempts`` incremented, ``started_at`` set on the first claim, a transition
-    recorded. The caller commits (``session_scope`` does).
+    recorded. The progress shown restarts where this attempt will: ``iteration`` becomes the
+    checkpoint's (0 without one) and the lost attempt's speed and ETA are cleared, so a
+    re-queued job never shows the dead attempt's iteration and then jumps back. The caller
+    commits (``session_scope`` does).
     """
     now = utcnow()
     stmt = (update(Job).where(Job.id == job_id, Job.status == QUEUED)
             .values(status=RUNNING, worker_id=worker_id, heartbeat_at=now, updated_at=now,
                     attempts=Job.attempts + 1, phase=None,
+                    iteration=func.coalesce(Job.checkpoint_iteration, 0),
+                    images_per_s=None, eta_s=None,
                     started_at=_coalesce_started(now))
             .execution_options(synchronize_session=False))
     result = session.execute(stmt)

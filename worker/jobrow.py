@@ -53,6 +53,27 @@ def dispose_sessions() -> None:
     db.dispose_engine()
 
 
+def process_terminating() -> bool:
+    """Whether this process is being terminated by its Celery pool.
+
+    Celery terminates a running task's prefork child with SIGTERM (after a broker connection
+    loss with ``acks_late``; at a cold shutdown), and billiard's handler in the child raises
+    ``SystemExit`` into whatever Python code runs at that moment. Code in the way may turn it
+    into an ordinary exception: ``torch.save`` interrupted mid-write raises ``RuntimeError:
+    ... unexpected pos`` from its cleanup. That exception says nothing about the job, so a
+    terminating process must not record it (see :meth:`JobRow.fail`).
+    """
+    try:
+        from billiard import common
+    except ImportError:  # not under Celery's pool
+        return False
+    fired = getattr(common, "terminate_handler_fired", None)
+    if fired is not None:
+        return bool(fired())
+    flag = getattr(common, "_should_have_exited", None)  # billiard < 4.3
+    return bool(flag and flag[0])
+
+
 @dataclass(frozen=True)
 class JobSnapshot:
     """What the runner needs from the row, read once after the claim."""
@@ -135,9 +156,24 @@ class JobRow:
 
     def finish(self, status: str, message: str | None = None) -> None:
         """``succeeded`` or ``cancelled`` through the state machine."""
+        if status != "succeeded":
+            self._refuse_if_terminating(status)
         with self.session() as s:
             service.finish_job(s, self._load(s), status, message=message)
 
     def fail(self, code: str, message: str, *, user_error: bool) -> None:
+        """``failed`` with a stable code, unless the process is being terminated: then the
+        job is left ``running`` for the reaper (re-queued from its stale heartbeat, as after
+        a SIGKILL) and ``SystemExit`` continues the termination the failure interrupted."""
+        self._refuse_if_terminating(f"failed ({code})")
         with self.session() as s:
             service.fail_job(s, self._load(s), code, message, user_error=user_error)
+
+    def _refuse_if_terminating(self, outcome: str) -> None:
+        if not process_terminating():
+            return
+        note = (f"worker process terminated by its pool (SIGTERM) while the attempt was "
+                f"running: not recording it as {outcome}; the job is left to the reaper")
+        log.warning("job %s: %s", self.job_id, note)
+        self.log("warning", note)
+        raise SystemExit(1)

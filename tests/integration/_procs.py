@@ -304,6 +304,9 @@ def cluster_env(*, root: Path, database_url: str, broker_url: str, storage_url: 
         "PCD_REAPER_INTERVAL_S": "1",
         "PCD_PROGRESS_INTERVAL_S": "0.2",
         "PCD_MAX_ATTEMPTS": "3",
+        # A queued job nobody claimed for 5 s has its broker message re-sent (a POST made
+        # while Redis was down, a message lost with a Redis restart).
+        "PCD_REDISPATCH_AFTER_S": "5",
         "OMP_NUM_THREADS": "1",  # two workers on a shared two-core machine
         "MKL_NUM_THREADS": "1",
     })

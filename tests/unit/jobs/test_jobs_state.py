@@ -84,6 +84,28 @@ def test_history_and_timestamps_along_a_run(session: Session) -> None:
                        ("queued", "running"), ("running", "succeeded")]
 
 
+def test_a_new_claim_shows_progress_from_its_resume_point(session: Session) -> None:
+    """Attempt 2 resumes from the checkpoint: the row must not keep showing the dead
+    attempt's iteration, speed and ETA (progress would jump backwards later)."""
+    team = service.create_team(session, "a")
+    job = make_job(session, team)
+    assert state.claim_job(session, job.id, "w1")
+    session.refresh(job)
+    service.record_progress(session, job, phase="training", iteration=17, images_per_s=3.0,
+                            eta_s=40.0)
+    service.record_checkpoint(session, job, uri="s3://b/ckpt-10.pt", iteration=10)
+    state.transition(session, job, "queued", "worker lost")
+    assert state.claim_job(session, job.id, "w2")
+    session.refresh(job)
+    assert (job.iteration, job.images_per_s, job.eta_s, job.phase) == (10, None, None, None)
+    state.transition(session, job, "queued", "worker lost again")
+    job.checkpoint_uri, job.checkpoint_iteration = None, None  # e.g. no checkpoint yet
+    session.flush()
+    assert state.claim_job(session, job.id, "w3")
+    session.refresh(job)
+    assert job.iteration == 0 and job.attempts == 3
+
+
 def test_claim_is_compare_and_set(sm: sessionmaker[Session]) -> None:
     with sm() as s:
         team = service.create_team(s, "a")

@@ -55,6 +55,7 @@ def test_task_is_registered_and_calls_the_plain_function(tmp_path: Path) -> None
         "import json, worker.tasks as t, worker.runner as r\n"
         "seen = []\n"
         "r.execute_job = lambda job_id, **kw: seen.append(job_id) or 'succeeded'\n"
+        "t.claimable = lambda job_id, settings: True\n"
         "assert t.app.tasks['pcd.run_job'].run is t.run_job.run\n"
         "out = t.run_job.apply(args=['abc']).get()\n"
         "print(json.dumps({'out': out, 'seen': seen,"
@@ -66,3 +67,24 @@ def test_task_is_registered_and_calls_the_plain_function(tmp_path: Path) -> None
                           capture_output=True, text=True, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"out": "succeeded", "seen": ["abc"], "route": "gpu"}
+
+
+def test_a_delivery_for_a_job_that_is_not_queued_returns_before_importing_torch(
+        tmp_path: Path) -> None:
+    """Duplicates (the reaper's re-sends, Redis redeliveries) must be cheap: no torch."""
+    code = (
+        "import json, sys\n"
+        "from jobs import db\n"
+        "from jobs.settings import get_settings\n"
+        "db.upgrade_to_head(get_settings())\n"
+        "import worker.tasks as t\n"
+        "out = t.run_job.apply(args=['no-such-job']).get()\n"
+        "print(json.dumps({'out': out, 'torch': 'torch' in sys.modules,"
+        " 'runner': 'worker.runner' in sys.modules}))\n"
+    )
+    env = {**os.environ, "PCD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
+           "PCD_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"out": None, "torch": False, "runner": False}
