@@ -45,7 +45,7 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
     "score_weighting": [{}, {"method.score_weighting": True}],
     "tap": [{}, {"method.tap": "backbone"}],
-    "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}],
+    "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}, {"method.weight": 30.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
     "logit_kd": [{}, {"method.logit_kd_weight": 1.0}],
 }

@@ -84,12 +84,29 @@ class ModelSpec(_Strict):
         return v
 
 
+# ``weight`` and ``tau`` a method gets when the spec leaves them out: each baseline at its
+# published recipe, so that "PCD vs KD" compares against KD as its authors tuned it.
+# kd: pixel-wise KD as CIRKD's train_kd.py runs it (temperature 1, lambda_kd 1);
+# cwd: Shu et al., ICCV 2021, on logits (temperature 4, loss weight 3); pcd: our own, chosen
+# by bench/ablate.py (see bench/README.md).
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "none": {"weight": 0.0, "tau": 1.0},
+    "kd": {"weight": 1.0, "tau": 1.0},
+    "cwd": {"weight": 3.0, "tau": 4.0},
+    "pcd": {"weight": 3.0, "tau": 4.0},
+}
+
+
 class MethodSpec(_Strict):
     """The distillation method and every one of its choices (see DESIGN.md, PCD)."""
 
     name: Literal["none", "kd", "cwd", "pcd"] = "pcd"
-    weight: float = Field(default=3.0, ge=0, description="weight of the method's main loss")
-    tau: float = Field(default=4.0, gt=0, description="softmax temperature")
+    weight: float = Field(default=METHOD_DEFAULTS["pcd"]["weight"], ge=0,
+                          description="weight of the method's main loss; left out: the "
+                          "method's default (kd 1, cwd 3, pcd 3)")
+    tau: float = Field(default=METHOD_DEFAULTS["pcd"]["tau"], gt=0,
+                       description="softmax temperature; left out: the method's default "
+                       "(kd 1, cwd 4, pcd 4)")
     # PCD
     score: Literal["class_gap", "fisher", "l1", "random"] = "class_gap"
     keep: PositiveInt | None = Field(
@@ -103,6 +120,15 @@ class MethodSpec(_Strict):
     logit_kd_weight: float = Field(default=0.0, ge=0, description="optional logit KD on top")
     # CWD
     cwd_on: Literal["logits", "features"] = "logits"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: object) -> object:
+        """Fill ``weight``/``tau`` the spec left out with the named method's defaults."""
+        if isinstance(data, dict):
+            defaults = METHOD_DEFAULTS.get(str(data.get("name", "pcd")), {})
+            data = {**defaults, **data}
+        return data
 
 
 class TrainSpec(_Strict):
@@ -164,6 +190,7 @@ def load_spec(text: str, *, yaml_ok: bool = True) -> RunSpec:
 
 
 __all__ = [
+    "METHOD_DEFAULTS",
     "DatasetSpec",
     "MethodSpec",
     "ModelSpec",

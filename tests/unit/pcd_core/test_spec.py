@@ -1,0 +1,27 @@
+"""The run spec: per-method defaults of the loss weight and temperature."""
+
+from __future__ import annotations
+
+import pytest
+
+from pcd_core.spec import METHOD_DEFAULTS, MethodSpec
+
+
+@pytest.mark.parametrize("name", ["kd", "cwd", "pcd"])
+def test_left_out_weight_and_tau_take_the_methods_recipe(name: str):
+    m = MethodSpec.model_validate({"name": name})
+    assert (m.weight, m.tau) == (METHOD_DEFAULTS[name]["weight"], METHOD_DEFAULTS[name]["tau"])
+
+
+def test_kd_defaults_differ_from_pcd_and_explicit_values_win():
+    kd = MethodSpec.model_validate({"name": "kd"})
+    assert (kd.weight, kd.tau) == (1.0, 1.0)  # CIRKD's pixel-wise KD recipe
+    assert (MethodSpec().weight, MethodSpec().tau) == (3.0, 4.0)  # pcd, the default method
+    mixed = MethodSpec.model_validate({"name": "kd", "tau": 2.5})
+    assert (mixed.weight, mixed.tau) == (1.0, 2.5)
+
+
+def test_resolved_defaults_survive_a_dump_and_reload():
+    kd = MethodSpec.model_validate({"name": "kd"})
+    again = MethodSpec.model_validate(kd.model_dump())
+    assert again == kd
