@@ -48,7 +48,12 @@ def test_events_stream_progress_then_done(client: TestClient, factory: Factory) 
     team, key = factory.team("a")
     job_id = factory.job(team, status="running")
 
+    first_seen = threading.Event()
+
     def worker() -> None:  # what a worker would write while the client watches
+        # Writes start once the client holds the first event, so a loaded machine that is
+        # slow to open the stream cannot make the test miss the initial state.
+        first_seen.wait(timeout=60)
         for it in (10, 20):
             time.sleep(0.15)
             factory.progress(job_id, iteration=it, max_iterations=20, phase="training")
@@ -57,12 +62,16 @@ def test_events_stream_progress_then_done(client: TestClient, factory: Factory) 
 
     thread = threading.Thread(target=worker)
     thread.start()
+    events = []
     try:
         with client.stream("GET", f"/jobs/{job_id}/events", headers=auth(key)) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
-            events = list(parse_sse(r.iter_lines()))
+            for event in parse_sse(r.iter_lines()):
+                events.append(event)
+                first_seen.set()
     finally:
+        first_seen.set()
         thread.join()
     kinds = [e.event for e in events]
     assert kinds[-1] == "done" and events[-1].data["status"] == "succeeded"
