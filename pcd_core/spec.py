@@ -88,9 +88,9 @@ class ModelSpec(_Strict):
 # published recipe, so that "PCD vs KD" compares against KD as its authors tuned it.
 # kd: pixel-wise KD as CIRKD's train_kd.py runs it (temperature 1, lambda_kd 1);
 # cwd: Shu et al., ICCV 2021, on logits (temperature 4, loss weight 3); pcd: our own, chosen
-# by bench/ablate.py (see bench/README.md).
+# by bench/ablate.py (see bench/README.md). ``none`` uses neither and keeps the field
+# defaults, so plain-training specs (teachers) hash as they did before this table existed.
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
-    "none": {"weight": 0.0, "tau": 1.0},
     "kd": {"weight": 1.0, "tau": 1.0},
     "cwd": {"weight": 3.0, "tau": 4.0},
     "pcd": {"weight": 3.0, "tau": 4.0},
