@@ -49,6 +49,17 @@ def test_redis_gets_visibility_timeout_everywhere(tmp_path: Path) -> None:
     assert conf["result_backend_transport_options"] == {"visibility_timeout": 6 * 3600}
 
 
+def run_embedded(code: str, tmp_path: Path) -> dict:
+    """Run ``code`` in a fresh interpreter on embedded settings (SQLite, filesystem broker
+    under ``tmp_path``): the worker reads its settings at import, so a subprocess is the only
+    clean slate. Returns the JSON object the code printed last."""
+    env = {**os.environ, "PCD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
+           "PCD_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_task_is_registered_and_calls_the_plain_function(tmp_path: Path) -> None:
     """In a subprocess: importing the app reads the process settings from the env."""
     code = (
@@ -61,11 +72,7 @@ def test_task_is_registered_and_calls_the_plain_function(tmp_path: Path) -> None
         "print(json.dumps({'out': out, 'seen': seen,"
         " 'route': t.app.amqp.router.route({}, 'pcd.run_job')['queue'].name}))\n"
     )
-    env = {**os.environ, "PCD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
-           "PCD_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_embedded(code, tmp_path)
     assert result == {"out": "succeeded", "seen": ["abc"], "route": "gpu"}
 
 
@@ -82,9 +89,5 @@ def test_a_delivery_for_a_job_that_is_not_queued_returns_before_importing_torch(
         "print(json.dumps({'out': out, 'torch': 'torch' in sys.modules,"
         " 'runner': 'worker.runner' in sys.modules}))\n"
     )
-    env = {**os.environ, "PCD_BROKER_URL": f"filesystem://{tmp_path / 'broker'}",
-           "PCD_DATABASE_URL": f"sqlite:///{tmp_path / 'x.db'}", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_embedded(code, tmp_path)
     assert result == {"out": None, "torch": False, "runner": False}
