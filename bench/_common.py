@@ -114,6 +114,18 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (max(vals) - min(vals)) / 2
 
 
+def paired_delta(mine: dict[int, float], base: dict[int, float]) -> dict[str, Any]:
+    """Per-seed differences ``mine - base`` over the seeds both have (same seed = same init
+    and data order, so the pairing removes most of the seed-to-seed swing), their mean and
+    half-range, and how many seeds came out ahead. Empty when no seed is shared."""
+    diffs = {seed: mine[seed] - base[seed] for seed in sorted(mine) if seed in base}
+    if not diffs:
+        return {}
+    mean, spread = mean_spread(list(diffs.values()))
+    return {"mean": mean, "spread": spread, "by_seed": diffs,
+            "ahead": sum(v > 0 for v in diffs.values()), "n": len(diffs)}
+
+
 def count_flops(model: Any, hw: tuple[int, int]) -> float:
     """Forward FLOPs (multiply-adds x 2) of ``model`` on one (1,3,H,W) image, via
     ``torch.utils.flop_counter.FlopCounterMode`` (counts convs, matmuls, interpolation is

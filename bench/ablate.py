@@ -26,6 +26,7 @@ from bench._common import (
     machine_facts,
     markdown_table,
     mean_spread,
+    paired_delta,
     write_json,
 )
 from bench._runs import (
@@ -122,18 +123,20 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> l
                     scores.append({"seed": seed, "dir": str(d), "wall_s": m.get("wall_s"),
                                    **score_dir(d, scale)})
             rows.append({"group": group, "overrides": ov or "default", "runs": scores})
-    ce = []
+    ce: dict[int, float] = {}
     for seed in args.seeds:
         spec = student_spec(scale, args.student, "none", seed, t_arch, t_dir)
         d = run_dir(args.runs_dir, scale, spec)
         if (d / "metrics.json").is_file():
-            ce.append(score_dir(d, scale))
-    ce_miou = mean_spread([100 * r["miou"] for r in ce])[0] if ce else None
+            ce[seed] = 100 * score_dir(d, scale)["miou"]
+    default = {r["seed"]: 100 * r["miou"] for r in rows[0]["runs"]} if rows else {}
     for row in rows:
         row["miou"], row["miou_spread"] = mean_spread([100 * r["miou"] for r in row["runs"]])
         row["thin"], row["thin_spread"] = mean_spread([100 * r["thin_miou"]
                                                       for r in row["runs"]])
-        row["gain_vs_ce"] = row["miou"] - ce_miou if ce_miou is not None else None
+        mine = {r["seed"]: 100 * r["miou"] for r in row["runs"]}
+        row["vs_ce"] = paired_delta(mine, ce)  # same seed, paired
+        row["vs_default"] = paired_delta(mine, default)
     return rows
 
 
@@ -143,11 +146,19 @@ def render(rows: list[dict]) -> str:
         ov = r["overrides"]
         label = "default" if ov == "default" else ", ".join(f"{k}={v}" for k, v in ov.items())
         seeds = ",".join(str(x["seed"]) for x in r["runs"]) or "-"
-        gain = "" if r["gain_vs_ce"] is None or not r["runs"] else f"{r['gain_vs_ce']:+.2f}"
         miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
         thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
-        body.append([r["group"], label, seeds, miou, gain, thin])
-    return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE", "thin mIoU"], body)
+        body.append([r["group"], label, seeds, miou, _delta(r["vs_ce"]),
+                     _delta(r["vs_default"]) if ov != "default" else "", thin])
+    return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE (paired)",
+                           "Δ default PCD (paired)", "thin mIoU"], body)
+
+
+def _delta(d: dict[str, Any]) -> str:
+    """'+1.20 ± 0.50 (1/2)': paired mean difference, half-range, seeds ahead."""
+    if not d:
+        return ""
+    return f"{d['mean']:+.2f} ± {d['spread']:.2f} ({d['ahead']}/{d['n']})"
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:

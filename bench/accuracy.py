@@ -32,6 +32,7 @@ from bench._common import (
     machine_facts,
     markdown_table,
     mean_spread,
+    paired_delta,
     write_json,
 )
 from bench._runs import (
@@ -153,18 +154,30 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["params"], row["flops"] = rs[0]["params"], rs[0]["flops"]
         rows.append(row)
     for row in rows:
-        ce = next((r for r in rows if r["student"] == row["student"] and r["method"] == "none"),
-                  None)
-        if ce is not None:
-            row["miou_gain_vs_ce"] = row["miou"] - ce["miou"]
-            row["thin_gain_vs_ce"] = row["thin_miou"] - ce["thin_miou"]
+        row.update(paired_gains(runs, row["student"], row["method"]))
     return rows
+
+
+def paired_gains(runs: list[dict[str, Any]], student: str, method: str) -> dict[str, Any]:
+    """Gain over the same student's CE run of the SAME seed, averaged over the seeds both
+    have: a method whose seeds ran ahead of CE's is never compared with other CE seeds."""
+    def by_seed(m: str, key: str) -> dict[int, float]:
+        return {r["seed"]: 100 * r[key] for r in runs
+                if r["student"] == student and r["method"] == m}
+
+    miou = paired_delta(by_seed(method, "miou"), by_seed("none", "miou"))
+    if not miou:
+        return {}
+    thin = paired_delta(by_seed(method, "thin_miou"), by_seed("none", "thin_miou"))
+    return {"miou_gain_vs_ce": miou["mean"], "miou_gain_spread": miou["spread"],
+            "miou_gain_by_seed": miou["by_seed"], "seeds_ahead_of_ce": miou["ahead"],
+            "thin_gain_vs_ce": thin["mean"]}
 
 
 def render(doc: dict[str, Any]) -> str:
     t = doc["teacher"]
-    head = ["model", "method", "seeds", "mIoU", "Δ CE", "thin mIoU", "Δ thin", "boundary F",
-            "params (M)", "GFLOPs", "wall (s/run)"]
+    head = ["model", "method", "seeds", "mIoU", "Δ CE (paired)", "thin mIoU", "Δ thin",
+            "boundary F", "params (M)", "GFLOPs", "wall (s/run)"]
     body = []
     if t:
         body.append([t["arch"], "CE (teacher)", "0", f"{100 * t['miou']:.2f}", "",
@@ -174,7 +187,7 @@ def render(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         body.append([
             r["student"], LABEL[r["method"]], ",".join(map(str, r["seeds"])),
-            f"{r['miou']:.2f} ± {r['miou_spread']:.2f}", _signed(r.get("miou_gain_vs_ce")),
+            f"{r['miou']:.2f} ± {r['miou_spread']:.2f}", _gain(r),
             f"{r['thin_miou']:.2f} ± {r['thin_miou_spread']:.2f}",
             _signed(r.get("thin_gain_vs_ce")),
             f"{r['boundary_f']:.2f} ± {r['boundary_f_spread']:.2f}",
@@ -193,6 +206,15 @@ def render(doc: dict[str, Any]) -> str:
 
 def _signed(v: float | None) -> str:
     return "" if v is None else f"{v:+.2f}"
+
+
+def _gain(row: dict[str, Any]) -> str:
+    """'+1.20 ± 0.50 (2/3)': paired gain over CE, its spread, seeds ahead of CE."""
+    if row.get("miou_gain_vs_ce") is None or row["method"] == "none":
+        return _signed(row.get("miou_gain_vs_ce"))
+    n = len(row["miou_gain_by_seed"])
+    return (f"{row['miou_gain_vs_ce']:+.2f} ± {row['miou_gain_spread']:.2f} "
+            f"({row['seeds_ahead_of_ce']}/{n})")
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:
