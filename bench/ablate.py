@@ -42,6 +42,7 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "score": [{}, {"method.score": "fisher"}, {"method.score": "l1"},
               {"method.score": "random"}],
     "keep": [{}, {"method.keep": 192}, {"method.keep": 256}],
+    "prune": [{}, {"method.prune": "class_balanced"}],
     "match": [{}, {"method.match": "identity"}],
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
     "score_weighting": [{}, {"method.score_weighting": True}],

@@ -112,6 +112,9 @@ class MethodSpec(_Strict):
     keep: PositiveInt | None = Field(
         default=None, description="K teacher channels kept after pruning; None = student width"
     )
+    prune: Literal["top_k", "class_balanced"] = Field(
+        default="top_k", description="top_k: the K best scores; class_balanced: the K best "
+        "taken in turns over the classes the channels respond to most")
     match: Literal["hungarian", "identity"] = "hungarian"
     rematch_every: PositiveInt = 500
     score_batches: PositiveInt = Field(default=8, description="batches in the scoring pass")
@@ -173,9 +176,25 @@ class RunSpec(_Strict):
         return self
 
     def spec_hash(self) -> str:
-        """sha256 of the canonical JSON: two runs with the same hash are the same experiment."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON: two runs with the same hash are the same experiment.
+
+        Fields added after the first release (:data:`HASH_SINCE_ADDED`) enter the hash only
+        when set to something other than their default, so adding an option does not
+        orphan every finished run and resumable checkpoint (a teacher can be an hour of
+        training); a spec that uses the new option hashes differently, as it should.
+        """
+        data = self.model_dump(mode="json")
+        for section, key, default in HASH_SINCE_ADDED:
+            if data[section].get(key) == default:
+                del data[section][key]
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# (section, field, default) of fields added after specs were first hashed; see spec_hash.
+HASH_SINCE_ADDED: tuple[tuple[str, str, object], ...] = (
+    ("method", "prune", "top_k"),
+)
 
 
 def load_spec(text: str, *, yaml_ok: bool = True) -> RunSpec:

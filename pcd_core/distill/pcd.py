@@ -2,7 +2,9 @@
 
 1. Scoring pass (``prepare``): the frozen teacher runs over ``score_batches`` batches and every
    teacher tap channel gets a discriminative score (see :mod:`pcd_core.distill.scoring`).
-2. Prune: keep the top-K channels by score (K = ``keep``, default the student's width).
+2. Prune: keep the top-K channels by score (K = ``keep``, default the student's width), or
+   (``prune="class_balanced"``) the best-scored channels taken in turns over the classes
+   they respond to most, so that no class is left without channels.
 3. Match: each student channel is assigned a distinct kept channel, by maximum total cosine
    similarity of their spatial maps on the current batch (Hungarian), recomputed every
    ``rematch_every`` iterations; or by index order (``identity``). No adapter: the student's
@@ -31,7 +33,12 @@ from torch import Tensor, nn
 from pcd_core.distill.base import DistillMethod, register_method
 from pcd_core.distill.losses import kd_loss, resize_to, spatial_kl
 from pcd_core.distill.matching import hungarian, map_similarity
-from pcd_core.distill.scoring import ChannelClassStats, channel_scores
+from pcd_core.distill.scoring import (
+    ChannelClassStats,
+    channel_scores,
+    class_balanced_top_k,
+    preferred_class,
+)
 from pcd_core.spec import MethodSpec
 
 
@@ -138,7 +145,7 @@ class PCD(DistillMethod):
             raise ValueError("PCD scoring pass got no batches (is the training set empty?)")
         stats.all_reduce()
         scores = channel_scores(stats, self.spec.score, seed=self.seed)
-        self.set_scores(scores)
+        self.set_scores(scores, preferred_class(stats))
         kept_scores = scores[self.kept.cpu()]
         return {
             "score": self.spec.score,
@@ -154,19 +161,27 @@ class PCD(DistillMethod):
         }
 
     @torch.no_grad()
-    def set_scores(self, scores: Tensor) -> None:
-        """Install channel scores (Ct,), prune to the top K and reset the matching.
+    def set_scores(self, scores: Tensor, classes: Tensor | None = None) -> None:
+        """Install channel scores (Ct,), prune to K channels and reset the matching.
 
-        ``prepare`` calls this; tests and the bench may call it directly with known scores.
-        Ties are broken by channel index (stable sort), so pruning is deterministic.
+        ``classes`` (Ct,) is each channel's preferred class, needed by
+        ``prune="class_balanced"`` (ignored by ``top_k``). ``prepare`` calls this; tests and
+        the bench may call it directly with known scores. Ties are broken by channel index
+        (stable sort), so pruning is deterministic.
         """
         if scores.shape != (self.teacher_channels,):
             raise ValueError(
                 f"scores must have shape ({self.teacher_channels},), got {tuple(scores.shape)}"
             )
         self.scores.copy_(scores)
-        order = torch.argsort(scores.detach().cpu().double(), descending=True, stable=True)
-        self.kept.copy_(order[: self.keep])
+        cpu_scores = scores.detach().cpu().double()
+        if self.spec.prune == "class_balanced":
+            if classes is None or classes.shape != (self.teacher_channels,):
+                raise ValueError("prune='class_balanced' needs each channel's class (Ct,)")
+            kept = class_balanced_top_k(cpu_scores, classes.cpu(), self.keep)
+        else:
+            kept = torch.argsort(cpu_scores, descending=True, stable=True)[: self.keep]
+        self.kept.copy_(kept)
         self.assignment.copy_(self.kept[: self.student_channels])  # identity until matched
         self.prepared.fill_(True)
         self.match_iteration.fill_(-1)

@@ -17,7 +17,12 @@ from torch import Tensor, nn
 
 from pcd_core.distill import PCD, build_method, list_methods, register_method
 from pcd_core.distill.base import DistillMethod
-from pcd_core.distill.scoring import ChannelClassStats, channel_scores
+from pcd_core.distill.scoring import (
+    ChannelClassStats,
+    channel_scores,
+    class_balanced_top_k,
+    preferred_class,
+)
 from pcd_core.spec import MethodSpec
 
 IGNORE = 255
@@ -242,6 +247,46 @@ def test_class_means_and_scores_are_exact_over_batches_with_ignore() -> None:
     m.prepare(FeatureTeacher(stride=2), [*batches, extra], torch.device("cpu"))
     np.testing.assert_allclose(m.scores.numpy(), gap_ref, rtol=1e-5)
     assert m.kept.tolist() == np.argsort(-gap_ref, kind="stable")[:2].tolist()
+
+
+def test_class_balanced_pruning_serves_every_class_that_top_k_starves() -> None:
+    scores = torch.tensor([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.5])
+    classes = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    assert class_balanced_top_k(scores, classes, 3).tolist() == [0, 4, 6]  # one per class
+    assert class_balanced_top_k(scores, classes, 5).tolist() == [0, 1, 4, 5, 6]
+    top = prepared_pcd(scores, cs=3)
+    assert top.kept.tolist() == [0, 1, 2]  # top_k: class 0 only
+    bal = build("pcd", ct=7, cs=3, prune="class_balanced")
+    assert isinstance(bal, PCD)
+    bal.set_scores(scores, classes)
+    assert bal.kept.tolist() == [0, 4, 6]
+    with pytest.raises(ValueError, match="class_balanced"):
+        bal.set_scores(scores)
+
+
+def test_preferred_class_is_the_largest_standardised_class_mean() -> None:
+    stats = ChannelClassStats(3, 4, IGNORE)  # class 3 never appears
+    for s in range(3):
+        feat, lab = _scoring_batch(s)  # channel 0 grows with the class index: prefers 2
+        feat[:, 2] = 50.0 - 5.0 * (lab.clamp(max=2) == 0).float()  # channel 2 dips on class 0
+        stats.update(feat, lab)
+    pref = preferred_class(stats)
+    assert pref[0] == 2 and pref[2] != 0 and int(pref.max()) < 3
+
+
+def test_class_balanced_prepare_keeps_a_channel_per_class() -> None:
+    m = build("pcd", ct=3, cs=2, score_batches=2, prune="class_balanced")
+    assert isinstance(m, PCD)
+    m.prepare(FeatureTeacher(), [_scoring_batch(s) for s in range(2)], "cpu")
+    pref = preferred_class_of_batches([_scoring_batch(s) for s in range(2)])
+    assert len({int(pref[c]) for c in m.kept}) == min(2, len(set(pref.tolist())))
+
+
+def preferred_class_of_batches(batches: list[tuple[Tensor, Tensor]]) -> Tensor:
+    stats = ChannelClassStats(batches[0][0].shape[1], 3, IGNORE)
+    for feat, lab in batches:
+        stats.update(feat, lab)
+    return preferred_class(stats)
 
 
 def test_scoring_needs_two_classes() -> None:
