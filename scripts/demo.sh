@@ -11,9 +11,12 @@
 # the engine's own `python -m pcd_core eval`.
 #
 # Knobs (environment): DATA (a folder-format dataset; default ../shared/datasets/camvid),
-# PORT (8765), TEACHER_ITERS (300), STUDENT_ITERS (200), KEEP_SERVING=1 (leave the service up).
-# The default budget is sized for a 2-core CPU (about 10-15 minutes in all); the student it
-# produces is a demonstration, not a benchmark: bench/README.md has the measured comparisons.
+# PORT (8765), TEACHER_ITERS (300), STUDENT_ITERS (200), KEEP_SERVING=1 (leave the service up),
+# TEACHER_CKPT (a DeepLabV3-ResNet50 state dict, .safetensors or .pt, trained at output
+# stride 16 on the same classes: it is uploaded and job 1 is skipped).
+# The default budget is sized for a 2-core CPU (about 20 minutes in all, most of it the
+# teacher); the student it produces is a demonstration, not a benchmark: bench/README.md has
+# the measured comparisons.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,6 +28,11 @@ STUDENT_ITERS=${STUDENT_ITERS:-200}
 DEMO=$ROOT/var/demo
 [ -d "$DATA" ] || { echo "demo: dataset folder $DATA not found (set DATA=...)" >&2; exit 2; }
 DATA=$(cd "$DATA" && pwd)
+TEACHER_CKPT=${TEACHER_CKPT:-}
+if [ -n "$TEACHER_CKPT" ]; then
+  [ -f "$TEACHER_CKPT" ] || { echo "demo: TEACHER_CKPT $TEACHER_CKPT is not a file" >&2; exit 2; }
+  TEACHER_CKPT=$(cd "$(dirname "$TEACHER_CKPT")" && pwd)/$(basename "$TEACHER_CKPT")
+fi
 
 # -- install (idempotent) ----------------------------------------------------------------
 PY=${PYTHON:-python3}
@@ -94,16 +102,21 @@ train:
 resources: {gpus: 0, queue: cpu}
 EOF
 
-echo "== job 1/2: train a DeepLabV3-ResNet50 teacher ($TEACHER_ITERS iterations, plain CE)"
-cat "$DEMO/common.yaml" - >"$DEMO/teacher.yaml" <<EOF
+if [ -n "$TEACHER_CKPT" ]; then
+  echo "== job 1/2 skipped: uploading the teacher $TEACHER_CKPT"
+  TEACHER=$(pcd upload -q "$TEACHER_CKPT" --kind checkpoint)
+else
+  echo "== job 1/2: train a DeepLabV3-ResNet50 teacher ($TEACHER_ITERS iterations, plain CE)"
+  cat "$DEMO/common.yaml" - >"$DEMO/teacher.yaml" <<EOF
 name: demo-teacher-r50
 student: {arch: deeplabv3_resnet50, output_stride: 16}
 method: {name: none}
 EOF
-TEACHER_JOB=$(pcd submit -q "$DEMO/teacher.yaml" --set "train.iterations=$TEACHER_ITERS")
-pcd watch "$TEACHER_JOB"
-pcd fetch "$TEACHER_JOB" --out "$DEMO/teacher"
-TEACHER=$(pcd upload -q "$DEMO/teacher/student.safetensors" --kind checkpoint)
+  TEACHER_JOB=$(pcd submit -q "$DEMO/teacher.yaml" --set "train.iterations=$TEACHER_ITERS")
+  pcd watch "$TEACHER_JOB"
+  pcd fetch "$TEACHER_JOB" --out "$DEMO/teacher"
+  TEACHER=$(pcd upload -q "$DEMO/teacher/student.safetensors" --kind checkpoint)
+fi
 
 echo "== job 2/2: PCD-distil it into DeepLabV3-ResNet18 ($STUDENT_ITERS iterations)"
 cat "$DEMO/common.yaml" - >"$DEMO/distill.yaml" <<EOF
