@@ -101,7 +101,31 @@ up_redis() {
   wait_for 15 Redis redis_up
 }
 
+stale_weed_pids() {
+  # A weed server on our S3 port whose data directory was deleted under it (say, with the
+  # checkout that started it): it still answers, but its volume files are gone, so large
+  # objects come back truncated. Seen as -dir missing or its open .dat files "(deleted)".
+  local pid dir
+  for pid in $(pgrep -f "weed server.*-s3.port=$S3_PORT" || true); do
+    dir=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^-dir=//p')
+    [ -n "$dir" ] || continue
+    if [ ! -d "$dir" ] || ls -l "/proc/$pid/fd" 2>/dev/null | grep -q "$dir/.*\.dat (deleted)"
+    then echo "$pid"; fi
+  done
+}
+
+s3_silent() { ! s3_answers; }
+
 up_seaweedfs() {
+  local stale; stale=$(stale_weed_pids)
+  if [ -n "$stale" ]; then
+    log "SeaweedFS (pid $stale) serves a deleted data directory: stopping it"
+    # shellcheck disable=SC2086
+    kill $stale 2>/dev/null || true
+    wait_for 15 "the stale SeaweedFS to stop" s3_silent || {
+      # shellcheck disable=SC2086
+      kill -9 $stale 2>/dev/null || true; sleep 1; }
+  fi
   if s3_answers; then
     s3_up || ensure_bucket
     return
