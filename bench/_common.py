@@ -126,6 +126,13 @@ def paired_delta(mine: dict[int, float], base: dict[int, float]) -> dict[str, An
             "ahead": sum(v > 0 for v in diffs.values()), "n": len(diffs)}
 
 
+def format_paired(d: dict[str, Any]) -> str:
+    """A :func:`paired_delta` as '+1.20 ± 0.50 (1/2)': mean, half-range, seeds ahead."""
+    if not d:
+        return ""
+    return f"{d['mean']:+.2f} ± {d['spread']:.2f} ({d['ahead']}/{d['n']})"
+
+
 def count_flops(model: Any, hw: tuple[int, int]) -> float:
     """Forward FLOPs (multiply-adds x 2) of ``model`` on one (1,3,H,W) image, via
     ``torch.utils.flop_counter.FlopCounterMode`` (counts convs, matmuls, interpolation is

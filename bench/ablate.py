@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import (
     SCALES,
     TEACHERS,
+    format_paired,
     machine_facts,
     markdown_table,
     mean_spread,
@@ -149,17 +150,10 @@ def render(rows: list[dict]) -> str:
         seeds = ",".join(str(x["seed"]) for x in r["runs"]) or "-"
         miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
         thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
-        body.append([r["group"], label, seeds, miou, _delta(r["vs_ce"]),
-                     _delta(r["vs_default"]) if ov != "default" else "", thin])
+        body.append([r["group"], label, seeds, miou, format_paired(r["vs_ce"]),
+                     format_paired(r["vs_default"]) if ov != "default" else "", thin])
     return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE (paired)",
                            "Δ default PCD (paired)", "thin mIoU"], body)
-
-
-def _delta(d: dict[str, Any]) -> str:
-    """'+1.20 ± 0.50 (1/2)': paired mean difference, half-range, seeds ahead."""
-    if not d:
-        return ""
-    return f"{d['mean']:+.2f} ± {d['spread']:.2f} ({d['ahead']}/{d['n']})"
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:

@@ -29,6 +29,7 @@ from bench._common import (
     SCALES,
     TEACHERS,
     THIN_CLASSES,
+    format_paired,
     machine_facts,
     markdown_table,
     mean_spread,
@@ -154,7 +155,8 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["params"], row["flops"] = rs[0]["params"], rs[0]["flops"]
         rows.append(row)
     for row in rows:
-        row.update(paired_gains(runs, row["student"], row["method"]))
+        if row["method"] != "none":
+            row.update(paired_gains(runs, row["student"], row["method"]))
     return rows
 
 
@@ -165,18 +167,14 @@ def paired_gains(runs: list[dict[str, Any]], student: str, method: str) -> dict[
         return {r["seed"]: 100 * r[key] for r in runs
                 if r["student"] == student and r["method"] == m}
 
-    miou = paired_delta(by_seed(method, "miou"), by_seed("none", "miou"))
-    if not miou:
-        return {}
-    thin = paired_delta(by_seed(method, "thin_miou"), by_seed("none", "thin_miou"))
-    return {"miou_gain_vs_ce": miou["mean"], "miou_gain_spread": miou["spread"],
-            "miou_gain_by_seed": miou["by_seed"], "seeds_ahead_of_ce": miou["ahead"],
-            "thin_gain_vs_ce": thin["mean"]}
+    return {"miou_vs_ce": paired_delta(by_seed(method, "miou"), by_seed("none", "miou")),
+            "thin_vs_ce": paired_delta(by_seed(method, "thin_miou"),
+                                       by_seed("none", "thin_miou"))}
 
 
 def render(doc: dict[str, Any]) -> str:
     t = doc["teacher"]
-    head = ["model", "method", "seeds", "mIoU", "Δ CE (paired)", "thin mIoU", "Δ thin",
+    head = ["model", "method", "seeds", "mIoU", "Δ CE (paired)", "thin mIoU", "Δ thin (paired)",
             "boundary F", "params (M)", "GFLOPs", "wall (s/run)"]
     body = []
     if t:
@@ -187,9 +185,9 @@ def render(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         body.append([
             r["student"], LABEL[r["method"]], ",".join(map(str, r["seeds"])),
-            f"{r['miou']:.2f} ± {r['miou_spread']:.2f}", _gain(r),
+            f"{r['miou']:.2f} ± {r['miou_spread']:.2f}", format_paired(r.get("miou_vs_ce", {})),
             f"{r['thin_miou']:.2f} ± {r['thin_miou_spread']:.2f}",
-            _signed(r.get("thin_gain_vs_ce")),
+            format_paired(r.get("thin_vs_ce", {})),
             f"{r['boundary_f']:.2f} ± {r['boundary_f_spread']:.2f}",
             f"{r['params'] / 1e6:.1f}", f"{r['flops'] / 1e9:.2f}", f"{r['wall_s']:.0f}"])
     text = markdown_table(head, body)
@@ -202,19 +200,6 @@ def render(doc: dict[str, Any]) -> str:
                 for r in doc["rows"]]
     return text + "\n\nper-class IoU (%, mean over seeds; * thin/small)\n\n" + markdown_table(
         pc_head, pc_body)
-
-
-def _signed(v: float | None) -> str:
-    return "" if v is None else f"{v:+.2f}"
-
-
-def _gain(row: dict[str, Any]) -> str:
-    """'+1.20 ± 0.50 (2/3)': paired gain over CE, its spread, seeds ahead of CE."""
-    if row.get("miou_gain_vs_ce") is None or row["method"] == "none":
-        return _signed(row.get("miou_gain_vs_ce"))
-    n = len(row["miou_gain_by_seed"])
-    return (f"{row['miou_gain_vs_ce']:+.2f} ± {row['miou_gain_spread']:.2f} "
-            f"({row['seeds_ahead_of_ce']}/{n})")
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:
