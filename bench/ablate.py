@@ -51,6 +51,9 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}, {"method.weight": 30.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
     "logit_kd": [{}, {"method.logit_kd_weight": 1.0}],
+    "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
+    "weight_schedule": [{}, {"method.weight_schedule": "linear_decay"},
+                        {"method.weight_schedule": "linear_decay", "method.adapter": True}],
 }
 
 

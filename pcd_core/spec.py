@@ -121,8 +121,24 @@ class MethodSpec(_Strict):
     score_weighting: bool = False
     tap: Literal["head", "backbone"] = "head"
     logit_kd_weight: float = Field(default=0.0, ge=0, description="optional logit KD on top")
+    adapter: bool = Field(
+        default=False, description="PCD: distil the kept teacher channels through a 1x1 conv "
+        "adapter on the student (dropped at export) instead of one student channel per "
+        "matched teacher channel; matching is then unused and keep may be any K <= teacher "
+        "channels")
+    # Every method: the distillation losses are multiplied by a factor that is 1 throughout
+    # ("constant") or falls linearly from 1 at the first iteration to 0 at the last
+    # ("linear_decay"), so that cross-entropy alone shapes the final weights.
+    weight_schedule: Literal["constant", "linear_decay"] = "constant"
     # CWD
     cwd_on: Literal["logits", "features"] = "logits"
+
+    @model_validator(mode="after")
+    def _pcd_only(self) -> MethodSpec:
+        if self.adapter and self.name != "pcd":
+            raise ValueError(f"adapter applies to method 'pcd' only, not {self.name!r} "
+                             f"(cwd on features always has one: cwd_on='features')")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -191,9 +207,12 @@ class RunSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# (section, field, default) of fields added after specs were first hashed; see spec_hash.
+# (section, field, value) of fields added after specs were first hashed, each with the value
+# that gives the behaviour from before the field existed (its default when added); see spec_hash.
 HASH_SINCE_ADDED: tuple[tuple[str, str, object], ...] = (
     ("method", "prune", "top_k"),
+    ("method", "adapter", False),
+    ("method", "weight_schedule", "constant"),
 )
 
 

@@ -39,6 +39,7 @@ from pcd_core.checkpoint import (
 )
 from pcd_core.components import Models, build_models, check_run_spec
 from pcd_core.data import build_dataset, build_loader
+from pcd_core.distill import weight_factor
 from pcd_core.evaluate import build_eval_dataset, evaluate
 from pcd_core.export import export_student
 from pcd_core.optim import build_optimizer, build_scheduler
@@ -105,7 +106,9 @@ def compute_losses(
         if "aux" in s_out:
             aux = F.cross_entropy(s_out["aux"].float(), target, ignore_index=ignore)
             losses["aux"] = spec.train.aux_weight * aux
-        losses.update(models.method(s_out, t_out, target, step))
+        factor = weight_factor(spec.method.weight_schedule, step, spec.train.iterations)
+        for name, value in models.method(s_out, t_out, target, step).items():
+            losses[name] = value if factor == 1.0 else value * factor
     return losses
 
 

@@ -12,6 +12,7 @@ from pcd_core.distill.base import (
     build_method,
     list_methods,
     register_method,
+    weight_factor,
 )
 from pcd_core.distill.baselines import ChannelWiseDistill, LogitKD, NoDistill
 from pcd_core.distill.pcd import PCD
@@ -27,4 +28,5 @@ __all__ = [
     "build_method",
     "list_methods",
     "register_method",
+    "weight_factor",
 ]

@@ -79,6 +79,21 @@ class DistillMethod(nn.Module):
         return teacher_out[key].detach()
 
 
+def weight_factor(schedule: str, step: int, iterations: int) -> float:
+    """The multiplier of every distillation loss at 0-based ``step`` of ``iterations``.
+
+    ``constant``: 1. ``linear_decay``: 1 - step/iterations, from 1 at the first step to
+    1/iterations at the last, so distillation guides the early, feature-forming phase and
+    cross-entropy alone has the final say. Lives in the loop, not in each method, because it
+    is the same for all of them.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear_decay":
+        return max(0.0, 1.0 - step / iterations)
+    raise ValueError(f"unknown weight_schedule {schedule!r}; choose constant or linear_decay")
+
+
 M = TypeVar("M", bound=type[DistillMethod])
 METHODS: dict[str, type[DistillMethod]] = {}
 

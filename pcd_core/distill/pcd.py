@@ -13,6 +13,13 @@
    times tau^2, averaged over pairs and batch (optionally weighted by the teacher channel's
    normalised score), times ``weight``; plus optional logit KD.
 
+With ``adapter`` (our addition, not in DESIGN.md), steps 3-4 change: a 1x1 conv maps the
+student's Cs channels to the K kept channels and the loss pairs adapter output k with kept
+channel k. The student then only has to make the kept teacher maps linearly recoverable from
+its features, instead of turning each of its own channels into a copy of one teacher
+channel; there is nothing to match, and K is free (up to Ct). The adapter is a parameter of
+this module: the loop optimises it with the student, and export never sees it.
+
 Spatial sizes: the student feature is bilinearly resized to the TEACHER's size, whichever is
 larger; the teacher is the target and stays untouched (and detached).
 
@@ -74,7 +81,7 @@ class PCD(DistillMethod):
             ignore_index=ignore_index,
         )
         k = spec.keep if spec.keep is not None else student_channels
-        if k < student_channels:
+        if k < student_channels and not spec.adapter:
             raise ValueError(
                 f"PCD keep={k} < student channels {student_channels}: every student channel "
                 f"needs its own distinct teacher channel, so keep must be >= {student_channels}"
@@ -86,9 +93,13 @@ class PCD(DistillMethod):
             )
         self.keep = k
         self.seed = seed  # for score="random"
+        self.adapter: nn.Conv2d | None = None
+        if spec.adapter:
+            self.adapter = nn.Conv2d(student_channels, k, kernel_size=1)
         self.register_buffer("scores", torch.zeros(teacher_channels))  # (Ct,) float32
         self.register_buffer("kept", torch.arange(k))  # (K,) teacher channels, score-descending
-        self.register_buffer("assignment", torch.arange(student_channels))  # (Cs,) teacher ch
+        # (Cs,) teacher channel per student channel; with the adapter (K,), always ``kept``
+        self.register_buffer("assignment", torch.arange(k if spec.adapter else student_channels))
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
         self.register_buffer("match_iteration", torch.full((), -1, dtype=torch.long))
         self._prepared = False
@@ -182,7 +193,7 @@ class PCD(DistillMethod):
         else:
             kept = torch.argsort(cpu_scores, descending=True, stable=True)[: self.keep]
         self.kept.copy_(kept)
-        self.assignment.copy_(self.kept[: self.student_channels])  # identity until matched
+        self.assignment.copy_(self.kept[: self.assignment.numel()])  # identity until matched
         self.prepared.fill_(True)
         self.match_iteration.fill_(-1)
         self._prepared, self._match_iter = True, None
@@ -191,8 +202,8 @@ class PCD(DistillMethod):
 
     def _should_rematch(self, iteration: int) -> bool:
         """First forward after pruning, then at every multiple of ``rematch_every`` (once)."""
-        if self.spec.match == "identity":
-            return False  # set by set_scores and never changes
+        if self.spec.match == "identity" or self.adapter is not None:
+            return False  # set by set_scores and never changes (the adapter needs none)
         if self._match_iter is None:
             return True
         return iteration % self.spec.rematch_every == 0 and iteration != self._match_iter
@@ -217,7 +228,7 @@ class PCD(DistillMethod):
     # -- loss --------------------------------------------------------------------------------
 
     def pair_weights(self) -> Tensor:
-        """(Cs,) matched teacher channels' scores divided by their mean (mean weight = 1)."""
+        """(Cs or K,) matched teacher channels' scores divided by their mean (mean weight 1)."""
         s = self.scores.index_select(0, self.assignment).clamp_min(0)
         mean = s.mean()
         return torch.where(mean > 0, s / mean.clamp_min(1e-12), torch.ones_like(s))
@@ -238,14 +249,17 @@ class PCD(DistillMethod):
                 f"PCD built for teacher/student channels {self.teacher_channels}/"
                 f"{self.student_channels} at {self.tap_key!r}, got {t.shape[1]}/{s.shape[1]}"
             )
-        s = resize_to(s, tuple(t.shape[-2:]))  # (B,Cs,h,w)
+        if self.adapter is not None:
+            s = self.adapter(s)  # (B,K,h',w'); a 1x1 conv commutes with the resize below
+        s = resize_to(s, tuple(t.shape[-2:]))  # (B,Cs or K,h,w)
         self.rematched = self._should_rematch(iteration)
         if self.rematched:
             self.rematch(s.detach(), t, iteration)
         else:
             self.info = {"rematched": False}
-        t_matched = t.index_select(1, self.assignment)  # (B,Cs,h,w)
-        kl = spatial_kl(s, t_matched, self.spec.tau)  # (B,Cs)
+        # Student (or adapter output) channel i is distilled from teacher channel
+        # assignment[i]; with the adapter, assignment is ``kept`` and never rematched.
+        kl = spatial_kl(s, t.index_select(1, self.assignment), self.spec.tau)  # (B,Cs or K)
         if self.spec.score_weighting:
             kl = kl * self.pair_weights()
         losses = {"pcd": self.spec.weight * kl.mean()}

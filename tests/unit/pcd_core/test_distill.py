@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from pcd_core.distill import PCD, build_method, list_methods, register_method
+from pcd_core.distill import PCD, build_method, list_methods, register_method, weight_factor
 from pcd_core.distill.base import DistillMethod
 from pcd_core.distill.scoring import (
     ChannelClassStats,
@@ -399,6 +399,40 @@ def test_state_dict_round_trip_restores_matching_exactly() -> None:
     assert b.rematched
 
 
+def test_adapter_distils_kept_channels_in_score_order_through_a_trainable_1x1() -> None:
+    scores = torch.tensor([0.3, 0.9, 0.1, 0.8, 0.5, 0.7])
+    m = prepared_pcd(scores, cs=4, keep=2, adapter=True, tau=2.0, weight=1.5)  # K < Cs is fine
+    assert m.adapter is not None and m.adapter.weight.shape == (2, 4, 1, 1)
+    assert m.kept.tolist() == [1, 3]
+    s = torch.randn(2, 4, 5, 6, requires_grad=True)
+    t = torch.randn(2, 6, 5, 6)
+    loss = m({"feat": s}, {"feat": t}, labels(), 0)["pcd"]
+    projected = m.adapter(s).detach()
+    kl = [float(manual_spatial_kl(projected[b, k], t[b, [1, 3][k]], 2.0))
+          for b in range(2) for k in range(2)]
+    assert loss.item() == pytest.approx(1.5 * sum(kl) / 4, rel=1e-5)
+    assert not m.rematched  # nothing to match: adapter output k pairs with kept channel k
+    loss.backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.adapter.parameters())
+
+
+def test_adapter_round_trips_through_state_dict() -> None:
+    a = prepared_pcd(torch.rand(8), cs=4, keep=8, adapter=True)
+    b = build("pcd", ct=8, cs=4, keep=8, adapter=True)
+    b.load_state_dict(a.state_dict())
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3)
+    assert torch.equal(a({"feat": s}, {"feat": t}, labels(), 0)["pcd"],
+                       b({"feat": s}, {"feat": t}, labels(), 0)["pcd"])
+
+
+def test_weight_factor_is_one_or_falls_linearly_to_zero() -> None:
+    assert [weight_factor("constant", i, 4) for i in range(4)] == [1.0] * 4
+    assert [weight_factor("linear_decay", i, 4) for i in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="unknown weight_schedule"):
+        weight_factor("cosine", 0, 4)
+
+
 def test_pcd_requires_prepare() -> None:
     with pytest.raises(RuntimeError, match="prepare"):
         build("pcd")(
@@ -419,8 +453,9 @@ def test_pcd_requires_prepare() -> None:
         {"name": "cwd"},
         {"name": "cwd", "cwd_on": "features"},
         {"name": "pcd", "logit_kd_weight": 1.0},
+        {"name": "pcd", "adapter": True},
     ],
-    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd"],
+    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd", "pcd-adapter"],
 )
 def test_no_gradient_reaches_the_teacher(kw: dict[str, typing.Any]) -> None:
     teacher = FeatureTeacher()

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from pcd_core.spec import METHOD_DEFAULTS, MethodSpec, RunSpec
 
@@ -42,8 +43,16 @@ def _run_spec(**method: object) -> RunSpec:
 def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
     spec = _run_spec()
     data = spec.model_dump(mode="json")
-    del data["method"]["prune"]  # what a spec looked like before the field was added
+    for later in ("prune", "adapter", "weight_schedule"):
+        del data["method"][later]  # what a spec looked like before these fields were added
     before = hashlib.sha256(
         json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     assert spec.spec_hash() == before
-    assert _run_spec(prune="class_balanced").spec_hash() != before
+    changed = [_run_spec(prune="class_balanced"), _run_spec(adapter=True),
+               _run_spec(weight_schedule="linear_decay")]
+    assert len({before, *(c.spec_hash() for c in changed)}) == 4
+
+
+def test_adapter_is_refused_outside_pcd():
+    with pytest.raises(ValidationError, match="adapter applies to method 'pcd' only"):
+        _run_spec(name="cwd", adapter=True)
