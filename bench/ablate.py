@@ -76,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="default bench/results/ablate_<scale>.json")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--variants", nargs="+", metavar="KEY=VALUE",
-                   help="only these alternatives (e.g. method.weight=1.0), default all")
+                   help="only the alternatives all of whose pairs are named (e.g. "
+                   "method.weight=1.0), default all")
     p.add_argument("--threads", type=int, help="torch threads (see accuracy.py --threads)")
     return p.parse_args(argv)
 
@@ -88,10 +89,13 @@ def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
 
 
 def _variants(args: argparse.Namespace, group: str) -> list[dict[str, Any]]:
-    """The group's alternatives, filtered by ``--variants`` (the default is kept always)."""
+    """The group's alternatives, filtered by ``--variants`` (the default is kept always).
+
+    An alternative is selected when every one of its KEY=VALUE pairs is named, so
+    ``method.adapter=True`` alone does not also start ``adapter=True, keep=256``."""
     wanted = set(args.variants or [])
     return [ov for ov in GROUPS[group] if not wanted or not ov
-            or any(f"{k}={v}" in wanted for k, v in ov.items())]
+            or all(f"{k}={v}" in wanted for k, v in ov.items())]
 
 
 def main(argv: list[str] | None = None) -> int:
