@@ -17,6 +17,20 @@ def test_left_out_weight_and_tau_take_the_methods_recipe(name: str):
     assert (m.weight, m.tau) == (METHOD_DEFAULTS[name]["weight"], METHOD_DEFAULTS[name]["tau"])
 
 
+def test_only_pcd_decays_its_weight_by_default_and_an_explicit_schedule_wins():
+    assert MethodSpec().weight_schedule == "linear_decay"  # pcd, the default method
+    assert MethodSpec.model_validate({"name": "kd"}).weight_schedule == "constant"
+    assert MethodSpec.model_validate({"name": "cwd"}).weight_schedule == "constant"
+    assert MethodSpec.model_validate({"name": "none"}).weight_schedule == "constant"
+    kept = MethodSpec.model_validate({"name": "pcd", "weight_schedule": "constant"})
+    assert kept.weight_schedule == "constant"
+
+
+def test_a_constant_pcd_spec_keeps_the_hash_it_had_before_the_schedule_existed():
+    explicit = _run_spec(weight_schedule="constant")
+    assert explicit.spec_hash() == _hash_before_later_fields(explicit) != _run_spec().spec_hash()
+
+
 def test_kd_defaults_differ_from_pcd_and_explicit_values_win():
     kd = MethodSpec.model_validate({"name": "kd"})
     assert (kd.weight, kd.tau) == (1.0, 1.0)  # CIRKD's pixel-wise KD recipe
@@ -40,15 +54,21 @@ def _run_spec(**method: object) -> RunSpec:
     })
 
 
-def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
-    spec = _run_spec()
+def _hash_before_later_fields(spec: RunSpec) -> str:
+    """The hash of ``spec`` as it was computed before prune/adapter/weight_schedule existed."""
     data = spec.model_dump(mode="json")
     for later in ("prune", "adapter", "weight_schedule"):
-        del data["method"][later]  # what a spec looked like before these fields were added
-    before = hashlib.sha256(
-        json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        del data["method"][later]
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
+    spec = _run_spec(weight_schedule="constant")
+    before = _hash_before_later_fields(spec)
     assert spec.spec_hash() == before
-    changed = [_run_spec(prune="class_balanced"), _run_spec(adapter=True),
+    changed = [_run_spec(prune="class_balanced", weight_schedule="constant"),
+               _run_spec(adapter=True, weight_schedule="constant"),
                _run_spec(weight_schedule="linear_decay")]
     assert len({before, *(c.spec_hash() for c in changed)}) == 4
 
