@@ -52,8 +52,9 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
     "logit_kd": [{}, {"method.logit_kd_weight": 1.0}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
-    "weight_schedule": [{}, {"method.weight_schedule": "linear_decay"},
-                        {"method.weight_schedule": "linear_decay", "method.adapter": True}],
+    # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
+    "weight_schedule": [{}, {"method.weight_schedule": "constant"},
+                        {"method.weight_schedule": "constant", "method.adapter": True}],
 }
 
 

@@ -18,9 +18,9 @@ def test_a_variant_is_selected_only_when_all_its_pairs_are_named() -> None:
     assert _selected("--groups", "adapter", "--variants", "method.adapter=True") == [
         {}, {"method.adapter": True}]
     both = _selected("--groups", "adapter", "weight_schedule", "--variants",
-                     "method.adapter=True", "method.weight_schedule=linear_decay")
-    assert both == [{}, {"method.adapter": True}, {}, {"method.weight_schedule": "linear_decay"},
-                    {"method.weight_schedule": "linear_decay", "method.adapter": True}]
+                     "method.adapter=True", "method.weight_schedule=constant")
+    assert both == [{}, {"method.adapter": True}, {}, {"method.weight_schedule": "constant"},
+                    {"method.weight_schedule": "constant", "method.adapter": True}]
 
 
 def test_no_selection_runs_the_whole_group_default_first() -> None:
