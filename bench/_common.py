@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench._prodfacts import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = Path(os.environ.get("PCD_CAMVID", REPO.parent / "shared" / "datasets" / "camvid"))
 CAMVID_CLASSES = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol",
@@ -78,7 +80,9 @@ def machine_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # CPU results reproduce to the last digit on one CPU kind only (the same teacher
+        # spec gave 46.12 mIoU on an earlier machine and 47.90 on an AVX-512 EPYC).
+        "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
@@ -89,18 +93,6 @@ def machine_facts() -> dict[str, Any]:
     except OSError:
         facts["git_commit"] = None
     return facts
-
-
-def _cpu_model() -> str | None:
-    """The CPU's model name: CPU results reproduce to the last digit on one CPU kind only
-    (the same teacher spec gave 46.12 mIoU on one machine and 47.90 on an AVX-512 EPYC)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def time_call(fn: Callable[[], Any], *, sync: Callable[[], None] = lambda: None) -> float:

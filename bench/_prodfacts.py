@@ -39,7 +39,8 @@ def _first_line(argv: list[str]) -> str | None:
     return text.splitlines()[0].strip() if text else None
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -82,7 +83,7 @@ def machine_facts(database_url: str | None = None) -> dict[str, Any]:
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "mem_total_gib": _mem_total_gib(),
         "load_average_1_5_15": load_average(),
         "busiest_processes": busiest_processes(),
