@@ -80,8 +80,8 @@ def machine_facts() -> dict[str, Any]:
     facts: dict[str, Any] = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": platform.node(), "cpu_count": os.cpu_count(),
-        # CPU results reproduce to the last digit on one CPU kind only (the same teacher
-        # spec gave 46.12 mIoU on an earlier machine and 47.90 on an AVX-512 EPYC).
+        # CPU results differ between machines (the same teacher spec gave 46.12 mIoU on an
+        # earlier machine and 47.90 on an AVX-512 EPYC), so a result names its CPU.
         "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

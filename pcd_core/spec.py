@@ -89,8 +89,9 @@ class ModelSpec(_Strict):
 # authors tuned it. kd: pixel-wise KD as CIRKD's train_kd.py runs it (temperature 1,
 # lambda_kd 1); cwd: Shu et al., ICCV 2021, on logits (temperature 4, loss weight 3); pcd: our
 # own, chosen by bench/ablate.py (see bench/README.md): linear_decay was ahead of a constant
-# weight on every (student, seed) pair measured. ``none`` uses none of them and keeps the field
-# defaults, so plain-training specs (teachers) hash as they did before this table existed.
+# weight on 5 of the 6 (student, seed) pairs measured. ``none`` uses none of them and keeps
+# the field defaults, so plain-training specs (teachers) hash as they did before this table
+# existed.
 METHOD_DEFAULTS: dict[str, dict[str, float | str]] = {
     "kd": {"weight": 1.0, "tau": 1.0},
     "cwd": {"weight": 3.0, "tau": 4.0},

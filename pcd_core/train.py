@@ -108,7 +108,7 @@ def compute_losses(
             losses["aux"] = spec.train.aux_weight * aux
         factor = weight_factor(spec.method.weight_schedule, step, spec.train.iterations)
         for name, value in models.method(s_out, t_out, target, step).items():
-            losses[name] = value if factor == 1.0 else value * factor
+            losses[name] = value * factor  # x 1.0 is exact: constant runs are unchanged
     return losses
 
 
