@@ -3,10 +3,14 @@
     python bench/ablate.py --scale cpu --groups score match --seeds 0 1
     python bench/ablate.py --scale cpu                       # every group (long)
     python bench/ablate.py --scale cpu --table-only
+    python bench/ablate.py --scale cpu --method kd --groups weight_schedule --seeds 0 1
 
-The default PCD run of each seed IS accuracy.py's PCD run (same spec, same hash, reused),
-so every alternative is compared with it under identical data order and budget. Runs go
-through ``bench/_runs.ensure_run`` (skip finished, resume cut-off) like the accuracy table.
+The default run of each seed IS accuracy.py's run of that method (same spec, same hash,
+reused), so every alternative is compared with it under identical data order and budget;
+``--method kd`` or ``cwd`` ablates a baseline the same way, so that a choice tried on PCD can
+be given to the baselines too. The table pairs every row with accuracy.py's CE and KD runs
+of the same seeds (train them there first). Runs go through ``bench/_runs.ensure_run``
+(skip finished, resume cut-off) like the accuracy table.
 """
 
 from __future__ import annotations
@@ -50,27 +54,41 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "tap": [{}, {"method.tap": "backbone"}],
     "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}, {"method.weight": 30.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
-    "logit_kd": [{}, {"method.logit_kd_weight": 1.0}],
+    # pixel KD on top, at the KD baseline's temperature (1), not the feature loss's (4)
+    "logit_kd": [{}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
     # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
     "weight_schedule": [{}, {"method.weight_schedule": "constant"},
                         {"method.weight_schedule": "constant", "method.adapter": True}],
 }
 
+# The baselines' groups: PCD's decaying weight tried on them (their default is constant).
+BASELINE_GROUPS: dict[str, list[dict[str, Any]]] = {
+    "weight_schedule": [{}, {"method.weight_schedule": "linear_decay"}],
+}
 
-def variant_name(student: str, overrides: dict[str, Any], seed: int) -> str | None:
-    """None for the default (so the spec, and its hash, equal accuracy.py's PCD run)."""
+
+def groups_of(method: str) -> dict[str, list[dict[str, Any]]]:
+    return GROUPS if method == "pcd" else BASELINE_GROUPS
+
+
+def variant_name(student: str, overrides: dict[str, Any], seed: int,
+                 method: str = "pcd") -> str | None:
+    """None for the default (so the spec, and its hash, equal accuracy.py's run)."""
     if not overrides:
         return None
     tag = "-".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
-    return f"{student}-pcd-{tag}-s{seed}"
+    return f"{student}-{method}-{tag}-s{seed}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    p.add_argument("--method", choices=["pcd", "kd", "cwd"], default="pcd",
+                   help="the method whose choices are ablated (kd/cwd: BASELINE_GROUPS)")
+    p.add_argument("--groups", nargs="+", choices=sorted({*GROUPS, *BASELINE_GROUPS}),
+                   help="default: every group of --method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--student", default="deeplabv3_resnet18")
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
@@ -80,7 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the alternatives all of whose pairs are named (e.g. "
                    "method.weight=1.0), default all")
     p.add_argument("--threads", type=int, help="torch threads (see accuracy.py --threads)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    known = groups_of(args.method)
+    args.groups = args.groups or list(known)
+    unknown = [g for g in args.groups if g not in known]
+    if unknown:
+        p.error(f"--method {args.method} has no group(s) {unknown}; it has {sorted(known)}")
+    return args
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], int]]:
@@ -95,7 +119,7 @@ def _variants(args: argparse.Namespace, group: str) -> list[dict[str, Any]]:
     An alternative is selected when every one of its KEY=VALUE pairs is named, so
     ``method.adapter=True`` alone does not also start ``adapter=True, keep=256``."""
     wanted = set(args.variants or [])
-    return [ov for ov in GROUPS[group] if not wanted or not ov
+    return [ov for ov in groups_of(args.method)[group] if not wanted or not ov
             or all(f"{k}={v}" in wanted for k, v in ov.items())]
 
 
@@ -112,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.table_only:
         ensure_run(t_spec, t_dir)
         for _group, ov, seed in plan(args):
-            spec = student_spec(scale, args.student, "pcd", seed, t_arch, t_dir, ov,
-                                name=variant_name(args.student, ov, seed))
+            spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
+                                name=variant_name(args.student, ov, seed, args.method))
             ensure_run(spec, run_dir(args.runs_dir, scale, spec))
             report(args, scale, t_dir, t_arch)
     return report(args, scale, t_dir, t_arch)
@@ -125,20 +149,16 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> l
         for ov in _variants(args, group):
             scores = []
             for seed in args.seeds:
-                spec = student_spec(scale, args.student, "pcd", seed, t_arch, t_dir, ov,
-                                    name=variant_name(args.student, ov, seed))
+                spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
+                                    name=variant_name(args.student, ov, seed, args.method))
                 d = run_dir(args.runs_dir, scale, spec)
                 if (d / "metrics.json").is_file():
                     m = json.loads((d / "metrics.json").read_text())
                     scores.append({"seed": seed, "dir": str(d), "wall_s": m.get("wall_s"),
                                    **score_dir(d, scale)})
             rows.append({"group": group, "overrides": ov or "default", "runs": scores})
-    ce: dict[int, float] = {}
-    for seed in args.seeds:
-        spec = student_spec(scale, args.student, "none", seed, t_arch, t_dir)
-        d = run_dir(args.runs_dir, scale, spec)
-        if (d / "metrics.json").is_file():
-            ce[seed] = 100 * score_dir(d, scale)["miou"]
+    ce = _reference(args, scale, t_dir, t_arch, "none")
+    kd = _reference(args, scale, t_dir, t_arch, "kd")
     default = {r["seed"]: 100 * r["miou"] for r in rows[0]["runs"]} if rows else {}
     for row in rows:
         row["miou"], row["miou_spread"] = mean_spread([100 * r["miou"] for r in row["runs"]])
@@ -146,11 +166,24 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> l
                                                       for r in row["runs"]])
         mine = {r["seed"]: 100 * r["miou"] for r in row["runs"]}
         row["vs_ce"] = paired_delta(mine, ce)  # same seed, paired
+        row["vs_kd"] = paired_delta(mine, kd)
         row["vs_default"] = paired_delta(mine, default)
     return rows
 
 
-def render(rows: list[dict]) -> str:
+def _reference(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str,
+               method: str) -> dict[int, float]:
+    """mIoU (%) by seed of accuracy.py's finished runs of ``method``, for paired deltas."""
+    found: dict[int, float] = {}
+    for seed in args.seeds:
+        d = run_dir(args.runs_dir, scale,
+                    student_spec(scale, args.student, method, seed, t_arch, t_dir))
+        if (d / "metrics.json").is_file():
+            found[seed] = 100 * score_dir(d, scale)["miou"]
+    return found
+
+
+def render(rows: list[dict], method: str = "pcd") -> str:
     body = []
     for r in rows:
         ov = r["overrides"]
@@ -159,20 +192,23 @@ def render(rows: list[dict]) -> str:
         miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
         thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
         body.append([r["group"], label, seeds, miou, format_paired(r["vs_ce"]),
+                     format_paired(r["vs_kd"]),
                      format_paired(r["vs_default"]) if ov != "default" else "", thin])
     return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE (paired)",
-                           "Δ default PCD (paired)", "thin mIoU"], body)
+                           "Δ KD (paired)", f"Δ default {method.upper()} (paired)",
+                           "thin mIoU"], body)
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:
     rows = collect(args, scale, t_dir, t_arch)
     doc = {"scale": scale.name, "scale_config": scale, "student": args.student,
+           "method": args.method,
            "seeds": args.seeds, "machine": machine_facts(),
            "command": "python bench/ablate.py " + " ".join(sys.argv[1:]),
            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     out = args.out or Path(f"bench/results/ablate_{scale.name}.json")
     write_json(out, doc)
-    print(render(rows), flush=True)
+    print(render(rows, args.method), flush=True)
     print(f"\nwrote {out}", flush=True)
     return 0
 

@@ -123,6 +123,11 @@ class MethodSpec(_Strict):
     score_weighting: bool = False
     tap: Literal["head", "backbone"] = "head"
     logit_kd_weight: float = Field(default=0.0, ge=0, description="optional logit KD on top")
+    # Added later: the feature loss wants a soft temperature (4) while pixel-wise logit KD is
+    # best near 1 (the KD baseline's recipe), so the two need not share ``tau``.
+    logit_kd_tau: float | None = Field(
+        default=None, gt=0, description="temperature of the optional logit KD; left out: "
+        "tau, the feature loss's temperature")
     adapter: bool = Field(
         default=False, description="PCD: distil the kept teacher channels through a 1x1 conv "
         "adapter on the student (dropped at export) instead of one student channel per "
@@ -217,6 +222,7 @@ HASH_SINCE_ADDED: tuple[tuple[str, str, object], ...] = (
     ("method", "prune", "top_k"),
     ("method", "adapter", False),
     ("method", "weight_schedule", "constant"),
+    ("method", "logit_kd_tau", None),
 )
 
 

@@ -11,7 +11,8 @@
    own channels learn.
 4. Loss: per matched pair, spatial softmax with temperature tau and KL(teacher || student)
    times tau^2, averaged over pairs and batch (optionally weighted by the teacher channel's
-   normalised score), times ``weight``; plus optional logit KD. The loop scales both by the
+   normalised score), times ``weight``; plus optional logit KD (weight ``logit_kd_weight``,
+   temperature ``logit_kd_tau``, else ``tau``). The loop scales both by the
    ``weight_schedule`` factor (PCD's default decays them linearly to 0 over the run).
 
 With ``adapter`` (our addition, not in DESIGN.md), steps 3-4 change: a 1x1 conv maps the
@@ -270,7 +271,7 @@ class PCD(DistillMethod):
                 student_out["out"],
                 t_logits,
                 target,
-                tau=self.spec.tau,
+                tau=self.spec.logit_kd_tau or self.spec.tau,
                 ignore_index=self.ignore_index,
             )
             losses["kd"] = self.spec.logit_kd_weight * kd

@@ -6,7 +6,9 @@ alternatives that merely contain that pair: each one is seven CPU minutes a seed
 
 from __future__ import annotations
 
-from bench.ablate import parse_args, plan
+import pytest
+
+from bench.ablate import parse_args, plan, variant_name
 
 
 def _selected(*argv: str) -> list[dict[str, object]]:
@@ -25,3 +27,16 @@ def test_a_variant_is_selected_only_when_all_its_pairs_are_named() -> None:
 
 def test_no_selection_runs_the_whole_group_default_first() -> None:
     assert _selected("--groups", "match") == [{}, {"method.match": "identity"}]
+
+
+def test_a_baseline_is_ablated_under_its_own_name_with_its_own_groups() -> None:
+    assert _selected("--method", "kd", "--groups", "weight_schedule") == [
+        {}, {"method.weight_schedule": "linear_decay"}]
+    ov = {"method.weight_schedule": "linear_decay"}
+    assert variant_name("r18", ov, 1, "kd") == "r18-kd-weight_schedule=linear_decay-s1"
+    assert variant_name("r18", {}, 1, "kd") is None  # the default IS accuracy.py's KD run
+
+
+def test_a_group_the_method_does_not_have_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--method", "kd", "--groups", "adapter"])

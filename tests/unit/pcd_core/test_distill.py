@@ -443,6 +443,27 @@ def test_pcd_requires_prepare() -> None:
         )
 
 
+# -- pcd's optional logit kd -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("logit_kd_tau", "expected_tau"), [(None, 4.0), (1.0, 1.0), (2.5, 2.5)])
+def test_pcd_logit_kd_is_the_kd_baseline_at_its_own_temperature(
+    logit_kd_tau: float | None, expected_tau: float
+) -> None:
+    """PCD's logit term equals method kd's loss at ``logit_kd_tau`` (left out: PCD's tau)."""
+    m = prepared_pcd(torch.rand(8), cs=4, tau=4.0, logit_kd_weight=0.5,
+                     logit_kd_tau=logit_kd_tau)
+    s_out, t_out = outputs(c=4), outputs(c=8)
+    target = labels()
+    kd = build("kd", tau=expected_tau, weight=0.5)
+    expected = kd({"out": s_out["out"]}, {"out": t_out["out"]}, target, 0)["kd"]
+    got = m(s_out, t_out, target, 0)["kd"]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    other = build("kd", tau=expected_tau + 1.0, weight=0.5)
+    assert got.item() != pytest.approx(
+        other({"out": s_out["out"]}, {"out": t_out["out"]}, target, 0)["kd"].item(), rel=1e-3)
+
+
 # -- the teacher is never trained ------------------------------------------------------------
 
 

@@ -55,9 +55,9 @@ def _run_spec(**method: object) -> RunSpec:
 
 
 def _hash_before_later_fields(spec: RunSpec) -> str:
-    """The hash of ``spec`` as it was computed before prune/adapter/weight_schedule existed."""
+    """The hash of ``spec`` as computed before prune/adapter/weight_schedule/logit_kd_tau."""
     data = spec.model_dump(mode="json")
-    for later in ("prune", "adapter", "weight_schedule"):
+    for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau"):
         del data["method"][later]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -69,8 +69,10 @@ def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
     assert spec.spec_hash() == before
     changed = [_run_spec(prune="class_balanced", weight_schedule="constant"),
                _run_spec(adapter=True, weight_schedule="constant"),
-               _run_spec(weight_schedule="linear_decay")]
-    assert len({before, *(c.spec_hash() for c in changed)}) == 4
+               _run_spec(weight_schedule="linear_decay"),
+               _run_spec(logit_kd_weight=1.0, logit_kd_tau=1.0, weight_schedule="constant"),
+               _run_spec(logit_kd_weight=1.0, weight_schedule="constant")]
+    assert len({before, *(c.spec_hash() for c in changed)}) == 6
 
 
 def test_adapter_is_refused_outside_pcd():
