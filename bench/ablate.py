@@ -55,7 +55,10 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}, {"method.weight": 30.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
     # pixel KD on top, at the KD baseline's temperature (1), not the feature loss's (4)
-    "logit_kd": [{}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0}],
+    # (the schedule scales every method loss, so the second one keeps KD's constant weight)
+    "logit_kd": [{}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0},
+                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
+                  "method.weight_schedule": "constant"}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
     # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
     "weight_schedule": [{}, {"method.weight_schedule": "constant"},
