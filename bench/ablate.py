@@ -58,7 +58,9 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     # (the schedule scales every method loss, so the second one keeps KD's constant weight)
     "logit_kd": [{}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0},
                  {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-                  "method.weight_schedule": "constant"}],
+                  "method.weight_schedule": "constant"},
+                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
+                  "method.weight_schedule": "constant", "method.weight": 1.0}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
     # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
     "weight_schedule": [{}, {"method.weight_schedule": "constant"},
