@@ -6,13 +6,21 @@ its checkpoint) and :func:`score_dir` (evaluate a student directory on val with 
 own ``evaluate``, plus params and FLOPs). Runs live under ``runs/`` (gitignored), one
 directory per spec: ``<runs_dir>/<scale>/<name>-<spec hash[:10]>``, each a student directory
 that ``python -m pcd_core eval --model DIR`` can score on any split.
+
+:func:`run_scores` also reads *recorded* runs: the per-run scores that committed JSON under
+``bench/results/`` holds for a run directory this machine no longer has. CPU training here is
+bit-for-bit reproducible per CPU model (bench/README.md), so a record is only taken from a
+file whose ``machine.cpu_model`` is this machine's, and every use of one is marked with the
+file it came from (``recorded_in``). That lets a session that has lost ``runs/`` add seeds or
+variants without spending an hour re-training baselines whose numbers are already known.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +34,13 @@ from bench._common import (
     count_params,
     write_json,
 )
+from bench._prodfacts import cpu_model
 from pcd_core.cli import apply_overrides
 from pcd_core.progress import Callback, Progress
 from pcd_core.spec import RunSpec
 
 SCORE_FILE = "bench_val.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def dataset_dict(scale: Scale) -> dict[str, Any]:
@@ -166,3 +176,61 @@ def score_dir(out: Path, scale: Scale) -> dict[str, Any]:
     write_json(cache, doc)
     return doc
 
+
+
+def run_scores(out: Path, scale: Scale, *, recorded: bool = False) -> dict[str, Any] | None:
+    """A run's val scores and wall time: from its directory when it finished here, else
+    (with ``recorded``) from committed JSON of this CPU model, else None (not run)."""
+    if (out / "metrics.json").is_file():
+        metrics = json.loads((out / "metrics.json").read_text())
+        return {"wall_s": metrics.get("wall_s"), **score_dir(out, scale)}
+    if recorded:
+        return recorded_runs(cpu_model()).get(str(out))
+    return None
+
+
+def recorded_only(out: Path) -> bool:
+    """True when ``out`` did not finish here but this CPU model's JSON records it: a script
+    run with ``--recorded`` then skips training it (its record stands in for it)."""
+    return not (out / "metrics.json").is_file() and str(out) in recorded_runs(cpu_model())
+
+
+def provenance_note(runs: list[dict[str, Any]]) -> str:
+    """One line under a table saying how many of its runs are recorded, and from where."""
+    files = sorted({r["recorded_in"] for r in runs if r.get("recorded_in")})
+    if not files:
+        return ""
+    n = sum(bool(r.get("recorded_in")) for r in runs)
+    return (f"{n} of {len(runs)} runs are recorded results of this CPU model (not trained "
+            f"in this checkout), from: {', '.join(files)}")
+
+
+@functools.cache
+def recorded_runs(cpu: str | None, results: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Per-run records by run directory, from every ``results/*.json`` measured on ``cpu``.
+
+    A record is a run's scores as ``score_dir`` wrote them (plus ``dir`` and ``wall_s``),
+    found in an accuracy JSON (``teacher``, ``runs``) or an ablation JSON (``rows[].runs``).
+    The first file in name order wins when two hold the same directory (a record copied by
+    a later table keeps its ``recorded_in``, so provenance is never lost).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    if cpu is None:
+        return found
+    for path in sorted((results or RESULTS).glob("*.json")):
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or (doc.get("machine") or {}).get("cpu_model") != cpu:
+            continue
+        for rec in _run_records(doc):
+            found.setdefault(rec["dir"], {"recorded_in": path.name, **rec})
+    return found
+
+
+def _run_records(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    candidates = [doc.get("teacher"), *(doc.get("runs") or [])]
+    for row in doc.get("rows") or []:
+        if isinstance(row, dict):
+            candidates += row.get("runs") or []
+    for rec in candidates:
+        if isinstance(rec, dict) and "dir" in rec and "miou" in rec:
+            yield rec

@@ -16,7 +16,6 @@ of the same seeds (train them there first). Runs go through ``bench/_runs.ensure
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,10 @@ from bench._common import (
 )
 from bench._runs import (
     ensure_run,
+    provenance_note,
+    recorded_only,
     run_dir,
-    score_dir,
+    run_scores,
     student_spec,
     teacher_spec,
 )
@@ -99,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     p.add_argument("--out", type=Path, help="default bench/results/ablate_<scale>.json")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--recorded", action="store_true",
+                   help="runs missing under --runs-dir are taken from committed "
+                   "bench/results JSON measured on this CPU model (and not trained); the "
+                   "table says how many and from which files")
     p.add_argument("--variants", nargs="+", metavar="KEY=VALUE",
                    help="only the alternatives all of whose pairs are named (e.g. "
                    "method.weight=1.0), default all")
@@ -143,7 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         for _group, ov, seed in plan(args):
             spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
                                 name=variant_name(args.student, ov, seed, args.method))
-            ensure_run(spec, run_dir(args.runs_dir, scale, spec))
+            d = run_dir(args.runs_dir, scale, spec)
+            if args.recorded and recorded_only(d):
+                print(f"[bench] skip {d} (recorded)", flush=True)
+                continue
+            ensure_run(spec, d)
             report(args, scale, t_dir, t_arch)
     return report(args, scale, t_dir, t_arch)
 
@@ -157,10 +166,9 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> l
                 spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
                                     name=variant_name(args.student, ov, seed, args.method))
                 d = run_dir(args.runs_dir, scale, spec)
-                if (d / "metrics.json").is_file():
-                    m = json.loads((d / "metrics.json").read_text())
-                    scores.append({"seed": seed, "dir": str(d), "wall_s": m.get("wall_s"),
-                                   **score_dir(d, scale)})
+                found = run_scores(d, scale, recorded=args.recorded)
+                if found is not None:
+                    scores.append({**found, "seed": seed, "dir": str(d)})
             rows.append({"group": group, "overrides": ov or "default", "runs": scores})
     ce = _reference(args, scale, t_dir, t_arch, "none")
     kd = _reference(args, scale, t_dir, t_arch, "kd")
@@ -183,8 +191,9 @@ def _reference(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str,
     for seed in args.seeds:
         d = run_dir(args.runs_dir, scale,
                     student_spec(scale, args.student, method, seed, t_arch, t_dir))
-        if (d / "metrics.json").is_file():
-            found[seed] = 100 * score_dir(d, scale)["miou"]
+        scores = run_scores(d, scale, recorded=args.recorded)
+        if scores is not None:
+            found[seed] = 100 * scores["miou"]
     return found
 
 
@@ -214,6 +223,9 @@ def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> in
     out = args.out or Path(f"bench/results/ablate_{scale.name}.json")
     write_json(out, doc)
     print(render(rows, args.method), flush=True)
+    note = provenance_note([r for row in rows for r in row["runs"]])
+    if note:
+        print(f"\n{note}; the CE and KD references too where not trained here", flush=True)
     print(f"\nwrote {out}", flush=True)
     return 0
 

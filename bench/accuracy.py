@@ -16,7 +16,6 @@ Scores are the engine's ``evaluate`` on val (``bench/_runs.score_dir``). The sca
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,8 +38,10 @@ from bench._common import (
 from bench._runs import (
     ensure_run,
     is_finished,
+    provenance_note,
+    recorded_only,
     run_dir,
-    score_dir,
+    run_scores,
     student_spec,
     teacher_spec,
 )
@@ -62,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     p.add_argument("--out", type=Path, help="default bench/results/accuracy_<scale>.json")
     p.add_argument("--teacher-only", action="store_true")
+    p.add_argument("--recorded", action="store_true",
+                   help="runs missing under --runs-dir are taken from committed "
+                   "bench/results JSON measured on this CPU model (and not trained); the "
+                   "table says how many and from which files")
     p.add_argument("--table-only", action="store_true", help="train nothing; table from "
                    "the finished runs")
     p.add_argument("--deadline", help="HH:MM (machine clock): start no run that would not "
@@ -95,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for student, method, seed in plan(args):
             spec = student_spec(scale, student, method, seed, t_arch, t_dir)
             d = run_dir(args.runs_dir, scale, spec)
+            if args.recorded and recorded_only(d):
+                print(f"[bench] skip {d} (recorded)", flush=True)
+                continue
             if not fits_deadline(args.deadline, d, spec, walls.get(method)):
                 continue
             walls[method] = ensure_run(spec, d).get("wall_s") or walls.get(method)
@@ -125,17 +133,12 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> d
     for student, method, seed in plan(args):
         spec = student_spec(scale, student, method, seed, t_arch, t_dir)
         d = run_dir(args.runs_dir, scale, spec)
-        if not (d / "metrics.json").is_file():
-            continue
-        metrics = json.loads((d / "metrics.json").read_text())
-        runs.append({"student": student, "method": method, "seed": seed, "dir": str(d),
-                     "spec_hash": spec.spec_hash(), "wall_s": metrics.get("wall_s"),
-                     **score_dir(d, scale)})
-    teacher = None
-    if (t_dir / "metrics.json").is_file():
-        t_metrics = json.loads((t_dir / "metrics.json").read_text())
-        teacher = {"arch": t_arch, "dir": str(t_dir), "wall_s": t_metrics.get("wall_s"),
-                   **score_dir(t_dir, scale)}
+        scores = run_scores(d, scale, recorded=args.recorded)
+        if scores is not None:
+            runs.append({**scores, "student": student, "method": method, "seed": seed,
+                         "dir": str(d), "spec_hash": spec.spec_hash()})
+    t_scores = run_scores(t_dir, scale, recorded=args.recorded)
+    teacher = None if t_scores is None else {**t_scores, "arch": t_arch, "dir": str(t_dir)}
     return {"teacher": teacher, "runs": runs}
 
 
@@ -198,8 +201,10 @@ def render(doc: dict[str, Any]) -> str:
         pc_body.append([t["arch"], "teacher"] + [f"{100 * v:.1f}" for v in t["per_class_iou"]])
     pc_body += [[r["student"], LABEL[r["method"]]] + [f"{v:.1f}" for v in r["per_class_iou"]]
                 for r in doc["rows"]]
-    return text + "\n\nper-class IoU (%, mean over seeds; * thin/small)\n\n" + markdown_table(
-        pc_head, pc_body)
+    note = provenance_note(doc["runs"] + ([t] if t else []))
+    return (text + (f"\n\n{note}" if note else "")
+            + "\n\nper-class IoU (%, mean over seeds; * thin/small)\n\n"
+            + markdown_table(pc_head, pc_body))
 
 
 def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> int:
