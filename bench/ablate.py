@@ -61,7 +61,10 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
                  {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
                   "method.weight_schedule": "constant"},
                  {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-                  "method.weight_schedule": "constant", "method.weight": 1.0}],
+                  "method.weight_schedule": "constant", "method.weight": 1.0},
+                 # the feature term decays (PCD's default), the logit term stays constant
+                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
+                  "method.logit_kd_schedule": "constant"}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
     # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
     "weight_schedule": [{}, {"method.weight_schedule": "constant"},

@@ -106,9 +106,10 @@ def compute_losses(
         if "aux" in s_out:
             aux = F.cross_entropy(s_out["aux"].float(), target, ignore_index=ignore)
             losses["aux"] = spec.train.aux_weight * aux
-        factor = weight_factor(spec.method.weight_schedule, step, spec.train.iterations)
         for name, value in models.method(s_out, t_out, target, step).items():
-            losses[name] = value * factor  # x 1.0 is exact: constant runs are unchanged
+            schedule = models.method.loss_schedule(name)
+            # x 1.0 is exact: constant runs are unchanged
+            losses[name] = value * weight_factor(schedule, step, spec.train.iterations)
     return losses
 
 

@@ -72,6 +72,11 @@ class DistillMethod(nn.Module):
     ) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def loss_schedule(self, name: str) -> str:
+        """The ``weight_schedule`` that scales this method's loss ``name``: the method's
+        own for every loss unless a method says otherwise (PCD's logit KD may keep its own)."""
+        return self.spec.weight_schedule
+
     def _teacher(self, teacher_out: dict[str, Tensor] | None, key: str) -> Tensor:
         """The teacher's ``key`` output, detached: the only way methods read the teacher."""
         if teacher_out is None:

@@ -13,7 +13,8 @@
    times tau^2, averaged over pairs and batch (optionally weighted by the teacher channel's
    normalised score), times ``weight``; plus optional logit KD (weight ``logit_kd_weight``,
    temperature ``logit_kd_tau``, else ``tau``). The loop scales both by the
-   ``weight_schedule`` factor (PCD's default decays them linearly to 0 over the run).
+   ``weight_schedule`` factor (PCD's default decays them linearly to 0 over the run), or
+   the logit term by ``logit_kd_schedule`` when that is set.
 
 With ``adapter`` (our addition, not in DESIGN.md), steps 3-4 change: a 1x1 conv maps the
 student's Cs channels to the K kept channels and the loss pairs adapter output k with kept
@@ -226,6 +227,12 @@ class PCD(DistillMethod):
             "rematch_s": time.perf_counter() - t0,
             "match_similarity": float(matched.mean()),
         }
+
+    def loss_schedule(self, name: str) -> str:
+        """The logit KD term follows ``logit_kd_schedule`` when set; the rest, the method's."""
+        if name == "kd" and self.spec.logit_kd_schedule is not None:
+            return self.spec.logit_kd_schedule
+        return self.spec.weight_schedule
 
     # -- loss --------------------------------------------------------------------------------
 

@@ -433,6 +433,48 @@ def test_weight_factor_is_one_or_falls_linearly_to_zero() -> None:
         weight_factor("cosine", 0, 4)
 
 
+@pytest.mark.parametrize(("logit_kd_schedule", "kd_factor"),
+                         [(None, 0.25), ("constant", 1.0), ("linear_decay", 0.25)])
+def test_the_loop_scales_pcd_logit_kd_by_its_own_schedule(
+    logit_kd_schedule: str | None, kd_factor: float
+) -> None:
+    """At step 3 of 4 under linear_decay the feature term is x 0.25; the logit KD term is
+    x 0.25 too unless ``logit_kd_schedule`` gives it its own schedule."""
+    from types import SimpleNamespace
+
+    from pcd_core.spec import RunSpec
+    from pcd_core.train import compute_losses
+
+    spec = RunSpec.model_validate({
+        "dataset": {"uri": "/d", "num_classes": 3, "ignore_index": IGNORE},
+        "student": {"arch": "deeplabv3_resnet18"},
+        "teacher": {"arch": "deeplabv3_resnet50", "checkpoint": "/t"},
+        "method": {"name": "pcd", "weight_schedule": "linear_decay", "logit_kd_weight": 1.0,
+                   "logit_kd_schedule": logit_kd_schedule},
+        "train": {"iterations": 4},
+    })
+    method = prepared_pcd(torch.rand(8), cs=4, weight_schedule="linear_decay",
+                          logit_kd_weight=1.0, logit_kd_schedule=logit_kd_schedule)
+    s_out, t_out = outputs(c=4), outputs(c=8)
+    target = labels()
+    unscaled = method(s_out, t_out, target, 3)
+
+    class Fixed(nn.Module):
+        def __init__(self, out: dict[str, Tensor]) -> None:
+            super().__init__()
+            self.fixed = out
+
+        def forward(self, img: Tensor) -> dict[str, Tensor]:
+            return self.fixed
+
+    models = SimpleNamespace(method=method, teacher=Fixed(t_out))
+    losses = compute_losses(spec, models, Fixed(s_out), torch.zeros(2, 3, 12, 14), target, 3,
+                            None)  # type: ignore[arg-type]
+    assert losses["pcd"].item() == pytest.approx(0.25 * unscaled["pcd"].item(), rel=1e-6)
+    assert losses["kd"].item() == pytest.approx(kd_factor * unscaled["kd"].item(), rel=1e-6)
+    assert build("kd", weight_schedule="linear_decay").loss_schedule("kd") == "linear_decay"
+
+
 def test_pcd_requires_prepare() -> None:
     with pytest.raises(RuntimeError, match="prepare"):
         build("pcd")(

@@ -55,9 +55,10 @@ def _run_spec(**method: object) -> RunSpec:
 
 
 def _hash_before_later_fields(spec: RunSpec) -> str:
-    """The hash of ``spec`` as computed before prune/adapter/weight_schedule/logit_kd_tau."""
+    """The hash of ``spec`` as computed before prune/adapter/weight_schedule/logit_kd_tau/
+    logit_kd_schedule."""
     data = spec.model_dump(mode="json")
-    for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau"):
+    for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau", "logit_kd_schedule"):
         del data["method"][later]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -71,8 +72,9 @@ def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
                _run_spec(adapter=True, weight_schedule="constant"),
                _run_spec(weight_schedule="linear_decay"),
                _run_spec(logit_kd_weight=1.0, logit_kd_tau=1.0, weight_schedule="constant"),
-               _run_spec(logit_kd_weight=1.0, weight_schedule="constant")]
-    assert len({before, *(c.spec_hash() for c in changed)}) == 6
+               _run_spec(logit_kd_weight=1.0, weight_schedule="constant"),
+               _run_spec(logit_kd_weight=1.0, logit_kd_schedule="constant")]
+    assert len({before, *(c.spec_hash() for c in changed)}) == 7
 
 
 def test_adapter_is_refused_outside_pcd():
