@@ -107,9 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="runs missing under --runs-dir are taken from committed "
                    "bench/results JSON measured on this CPU model (and not trained); the "
                    "table says how many and from which files")
-    p.add_argument("--variants", nargs="+", metavar="KEY=VALUE",
+    p.add_argument("--variants", nargs="+", metavar="KEY=VALUE[,KEY=VALUE...]",
                    help="only the alternatives all of whose pairs are named (e.g. "
-                   "method.weight=1.0), default all")
+                   "method.weight=1.0), or, for an item with commas, the one alternative "
+                   "with exactly those pairs; default all")
     p.add_argument("--threads", type=int, help="torch threads (see accuracy.py --threads)")
     args = p.parse_args(argv)
     known = groups_of(args.method)
@@ -130,10 +131,18 @@ def _variants(args: argparse.Namespace, group: str) -> list[dict[str, Any]]:
     """The group's alternatives, filtered by ``--variants`` (the default is kept always).
 
     An alternative is selected when every one of its KEY=VALUE pairs is named, so
-    ``method.adapter=True`` alone does not also start ``adapter=True, keep=256``."""
-    wanted = set(args.variants or [])
-    return [ov for ov in groups_of(args.method)[group] if not wanted or not ov
-            or all(f"{k}={v}" in wanted for k, v in ov.items())]
+    ``method.adapter=True`` alone does not also start ``adapter=True, keep=256``; an item
+    with commas selects the one alternative whose pairs are exactly those, so naming a
+    four-pair alternative does not also start the alternatives made of fewer of its pairs."""
+    items = args.variants or []
+    pairs = {item for item in items if "," not in item}
+    exact = [set(item.split(",")) for item in items if "," in item]
+
+    def selected(ov: dict[str, Any]) -> bool:
+        named = {f"{k}={v}" for k, v in ov.items()}
+        return named <= pairs or named in exact
+
+    return [ov for ov in groups_of(args.method)[group] if not items or not ov or selected(ov)]
 
 
 def main(argv: list[str] | None = None) -> int:

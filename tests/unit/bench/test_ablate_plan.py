@@ -25,6 +25,17 @@ def test_a_variant_is_selected_only_when_all_its_pairs_are_named() -> None:
                     {"method.weight_schedule": "constant", "method.adapter": True}]
 
 
+def test_an_item_with_commas_selects_exactly_that_alternative() -> None:
+    four = ("method.logit_kd_weight=1.0,method.logit_kd_tau=1.0,"
+            "method.weight_schedule=constant,method.weight=1.0")
+    assert _selected("--groups", "logit_kd", "--variants", four) == [
+        {}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
+             "method.weight_schedule": "constant", "method.weight": 1.0}]
+    # the same pairs named one by one also select the alternatives made of fewer of them
+    assert len(_selected("--groups", "logit_kd", "--variants", *four.split(","))) == 4
+    assert _selected("--groups", "logit_kd", "--variants", "method.weight=1.0,x=1") == [{}]
+
+
 def test_no_selection_runs_the_whole_group_default_first() -> None:
     assert _selected("--groups", "match") == [{}, {"method.match": "identity"}]
 
