@@ -217,9 +217,12 @@ def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> in
         "teacher": found["teacher"], "runs": found["runs"],
         "rows": aggregate(found["runs"]),
     }
+    print(render(doc), flush=True)
+    if args.teacher_only and not args.out:
+        # the table JSON of the last full run stays as it is (it may be another CPU's)
+        return 0
     out = args.out or Path(f"bench/results/accuracy_{scale.name}.json")
     write_json(out, doc)
-    print(render(doc), flush=True)
     print(f"\nwrote {out}", flush=True)
     return 0
 
