@@ -36,7 +36,6 @@ from bench._common import (
 from bench._runs import (
     ensure_run,
     provenance_note,
-    recorded_only,
     run_dir,
     run_scores,
     student_spec,
@@ -160,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         for _group, ov, seed in plan(args):
             spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
                                 name=variant_name(args.student, ov, seed, args.method))
-            d = run_dir(args.runs_dir, scale, spec)
-            if args.recorded and recorded_only(d):
-                print(f"[bench] skip {d} (recorded)", flush=True)
-                continue
-            ensure_run(spec, d)
+            ensure_run(spec, run_dir(args.runs_dir, scale, spec), recorded=args.recorded)
             report(args, scale, t_dir, t_arch)
     return report(args, scale, t_dir, t_arch)
 
@@ -237,7 +232,7 @@ def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> in
     print(render(rows, args.method), flush=True)
     note = provenance_note([r for row in rows for r in row["runs"]])
     if note:
-        print(f"\n{note}; the CE and KD references too where not trained here", flush=True)
+        print(f"\n{note} (the CE and KD references are taken the same way)", flush=True)
     print(f"\nwrote {out}", flush=True)
     return 0
 

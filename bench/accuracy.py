@@ -39,7 +39,6 @@ from bench._runs import (
     ensure_run,
     is_finished,
     provenance_note,
-    recorded_only,
     run_dir,
     run_scores,
     student_spec,
@@ -100,12 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         for student, method, seed in plan(args):
             spec = student_spec(scale, student, method, seed, t_arch, t_dir)
             d = run_dir(args.runs_dir, scale, spec)
-            if args.recorded and recorded_only(d):
-                print(f"[bench] skip {d} (recorded)", flush=True)
-                continue
             if not fits_deadline(args.deadline, d, spec, walls.get(method)):
                 continue
-            walls[method] = ensure_run(spec, d).get("wall_s") or walls.get(method)
+            done = ensure_run(spec, d, recorded=args.recorded)
+            walls[method] = done.get("wall_s") or walls.get(method)
             report(args, scale, t_dir, t_arch)  # the JSON grows run by run
     return report(args, scale, t_dir, t_arch)
 

@@ -232,7 +232,7 @@ class PCD(DistillMethod):
         """The logit KD term follows ``logit_kd_schedule`` when set; the rest, the method's."""
         if name == "kd" and self.spec.logit_kd_schedule is not None:
             return self.spec.logit_kd_schedule
-        return self.spec.weight_schedule
+        return super().loss_schedule(name)
 
     # -- loss --------------------------------------------------------------------------------
 

@@ -86,3 +86,10 @@ def test_the_provenance_note_counts_recorded_runs() -> None:
     note = runs.provenance_note([{"recorded_in": "b.json"}, {"miou": 1},
                                  {"recorded_in": "a.json"}])
     assert note.startswith("2 of 3 runs are recorded") and note.endswith("a.json, b.json")
+
+
+def test_ensure_run_returns_a_record_instead_of_training(results: Path) -> None:
+    spec = runs.student_spec(SCALES["cpu"], "deeplabv3_resnet18", "none", 0,
+                             "deeplabv3_resnet50", Path("runs/t"))
+    assert runs.ensure_run(spec, Path("runs/ce-s0"), recorded=True)["miou"] == 0.32
+    assert not Path("runs/ce-s0").exists()  # nothing was trained or written
