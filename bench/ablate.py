@@ -43,6 +43,12 @@ from bench._runs import (
 )
 
 # group -> alternatives as spec overrides; the first entry of each group is the default.
+# Since 2026-12-01 PCD's default is the feature term at weight 1, constant, plus pixel KD at
+# the KD baseline's recipe (pcd_core.spec.METHOD_DEFAULTS), so every alternative below keeps
+# that KD term unless it says otherwise. The JSON of earlier ablations (bench/results) holds
+# the groups as they were against the previous default (weight 3, linear_decay, no KD).
+PREVIOUS_DEFAULT = {"method.weight": 3.0, "method.weight_schedule": "linear_decay",
+                    "method.logit_kd_weight": 0.0}
 GROUPS: dict[str, list[dict[str, Any]]] = {
     "score": [{}, {"method.score": "fisher"}, {"method.score": "l1"},
               {"method.score": "random"}],
@@ -52,22 +58,15 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
     "score_weighting": [{}, {"method.score_weighting": True}],
     "tap": [{}, {"method.tap": "backbone"}],
-    "weight": [{}, {"method.weight": 1.0}, {"method.weight": 10.0}, {"method.weight": 30.0}],
+    "weight": [{}, {"method.weight": 0.3}, {"method.weight": 3.0}, {"method.weight": 10.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
-    # pixel KD on top, at the KD baseline's temperature (1), not the feature loss's (4)
-    # (the schedule scales every method loss, so the second one keeps KD's constant weight)
-    "logit_kd": [{}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0},
-                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-                  "method.weight_schedule": "constant"},
-                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-                  "method.weight_schedule": "constant", "method.weight": 1.0},
-                 # the feature term decays (PCD's default), the logit term stays constant
-                 {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-                  "method.logit_kd_schedule": "constant"}],
+    # the feature term alone (no KD), and the default before 2026-12-01
+    "logit_kd": [{}, {"method.logit_kd_weight": 0.0}, PREVIOUS_DEFAULT],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
-    # The default decays PCD's weight (linear_decay) since 2026-11-25; constant is the old one.
-    "weight_schedule": [{}, {"method.weight_schedule": "constant"},
-                        {"method.weight_schedule": "constant", "method.adapter": True}],
+    # the feature term decays (the previous default's schedule) with KD kept constant; both decay
+    "weight_schedule": [{}, {"method.weight_schedule": "linear_decay",
+                             "method.logit_kd_schedule": "constant"},
+                        {"method.weight_schedule": "linear_decay"}],
 }
 
 # The baselines' groups: PCD's decaying weight tried on them (their default is constant).

@@ -84,18 +84,20 @@ class ModelSpec(_Strict):
         return v
 
 
-# ``weight``, ``tau`` (and ``weight_schedule``) a method gets when the spec leaves them out:
-# each baseline at its published recipe, so that "PCD vs KD" compares against KD as its
-# authors tuned it. kd: pixel-wise KD as CIRKD's train_kd.py runs it (temperature 1,
-# lambda_kd 1); cwd: Shu et al., ICCV 2021, on logits (temperature 4, loss weight 3); pcd: our
-# own, chosen by bench/ablate.py (see bench/README.md): linear_decay was ahead of a constant
-# weight on 5 of the 6 (student, seed) pairs measured. ``none`` uses none of them and keeps
-# the field defaults, so plain-training specs (teachers) hash as they did before this table
-# existed.
+# The loss choices a method gets when the spec leaves them out: each baseline at its published
+# recipe, so that "PCD vs KD" compares against KD as its authors tuned it. kd: pixel-wise KD
+# as CIRKD's train_kd.py runs it (temperature 1, lambda_kd 1); cwd: Shu et al., ICCV 2021, on
+# logits (temperature 4, loss weight 3). pcd: our own, chosen by bench/ablate.py (see
+# bench/README.md, "PCD's default since 2026-12-01"): the feature term at weight 1, constant,
+# plus pixel KD at the KD baseline's recipe (weight 1, temperature 1, constant) was ahead of
+# the previous default (weight 3 decaying linearly, no KD) on 6 of the 8 (student, seed)
+# pairs measured. ``none`` uses none of them and keeps the field defaults, so plain-training
+# specs (teachers) hash as they did before this table existed.
 METHOD_DEFAULTS: dict[str, dict[str, float | str]] = {
     "kd": {"weight": 1.0, "tau": 1.0},
     "cwd": {"weight": 3.0, "tau": 4.0},
-    "pcd": {"weight": 3.0, "tau": 4.0, "weight_schedule": "linear_decay"},
+    "pcd": {"weight": 1.0, "tau": 4.0, "weight_schedule": "constant",
+            "logit_kd_weight": 1.0, "logit_kd_tau": 1.0},
 }
 
 
@@ -105,7 +107,7 @@ class MethodSpec(_Strict):
     name: Literal["none", "kd", "cwd", "pcd"] = "pcd"
     weight: float = Field(default=3.0, ge=0,
                           description="weight of the method's main loss; left out: the "
-                          "method's default (kd 1, cwd 3, pcd 3)")
+                          "method's default (kd 1, cwd 3, pcd 1)")
     tau: float = Field(default=4.0, gt=0,
                        description="softmax temperature; left out: the method's default "
                        "(kd 1, cwd 4, pcd 4)")
@@ -122,12 +124,13 @@ class MethodSpec(_Strict):
     score_batches: PositiveInt = Field(default=8, description="batches in the scoring pass")
     score_weighting: bool = False
     tap: Literal["head", "backbone"] = "head"
-    logit_kd_weight: float = Field(default=0.0, ge=0, description="optional logit KD on top")
+    logit_kd_weight: float = Field(default=0.0, ge=0, description="PCD: pixel-wise logit KD on "
+                                   "top of the feature loss; left out: 1")
     # Added later: the feature loss wants a soft temperature (4) while pixel-wise logit KD is
     # best near 1 (the KD baseline's recipe), so the two need not share ``tau``.
     logit_kd_tau: float | None = Field(
-        default=None, gt=0, description="temperature of the optional logit KD; left out: "
-        "tau, the feature loss's temperature")
+        default=None, gt=0, description="PCD: temperature of the logit KD; left out: 1 "
+        "(set to null: tau, the feature loss's temperature)")
     # Added later: the decay that helps PCD's feature term (bench, AMD kind) costs the KD
     # baseline about 2.8 points (bench, Xeon kind), so the logit term may keep its own.
     logit_kd_schedule: Literal["constant", "linear_decay"] | None = Field(
@@ -142,8 +145,8 @@ class MethodSpec(_Strict):
     # ("constant") or falls linearly from 1 at the first iteration to 0 at the last
     # ("linear_decay"), so that cross-entropy alone shapes the final weights.
     weight_schedule: Literal["constant", "linear_decay"] = Field(
-        default="constant", description="left out: the method's default (pcd linear_decay, "
-        "kd and cwd constant)")
+        default="constant", description="left out: constant (every method's default; "
+        "PCD's was linear_decay until 2026-12-01)")
     # CWD
     cwd_on: Literal["logits", "features"] = "logits"
 
@@ -157,11 +160,25 @@ class MethodSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _method_defaults(cls, data: object) -> object:
-        """Fill ``weight``/``tau`` the spec left out with the named method's defaults."""
+        """Fill the loss choices the spec left out with the named method's defaults.
+
+        A spec that turns PCD's logit KD off does not get its default temperature either:
+        the temperature of an absent term is moot, and leaving it unset keeps such a spec
+        (the default before 2026-12-01, spelled out) at the hash it always had.
+        """
         if isinstance(data, dict):
-            defaults = METHOD_DEFAULTS.get(str(data.get("name", "pcd")), {})
+            defaults = dict(METHOD_DEFAULTS.get(str(data.get("name", "pcd")), {}))
+            if _is_zero(data.get("logit_kd_weight")):
+                defaults.pop("logit_kd_tau", None)
             data = {**defaults, **data}
         return data
+
+
+def _is_zero(value: object) -> bool:
+    try:
+        return value is not None and float(value) == 0.0  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False  # not a number: the field's own validation reports it
 
 
 class TrainSpec(_Strict):

@@ -20,20 +20,20 @@ def test_a_variant_is_selected_only_when_all_its_pairs_are_named() -> None:
     assert _selected("--groups", "adapter", "--variants", "method.adapter=True") == [
         {}, {"method.adapter": True}]
     both = _selected("--groups", "adapter", "weight_schedule", "--variants",
-                     "method.adapter=True", "method.weight_schedule=constant")
-    assert both == [{}, {"method.adapter": True}, {}, {"method.weight_schedule": "constant"},
-                    {"method.weight_schedule": "constant", "method.adapter": True}]
+                     "method.adapter=True", "method.keep=256",
+                     "method.weight_schedule=linear_decay")
+    assert both == [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256},
+                    {}, {"method.weight_schedule": "linear_decay"}]
 
 
 def test_an_item_with_commas_selects_exactly_that_alternative() -> None:
-    four = ("method.logit_kd_weight=1.0,method.logit_kd_tau=1.0,"
-            "method.weight_schedule=constant,method.weight=1.0")
-    assert _selected("--groups", "logit_kd", "--variants", four) == [
-        {}, {"method.logit_kd_weight": 1.0, "method.logit_kd_tau": 1.0,
-             "method.weight_schedule": "constant", "method.weight": 1.0}]
+    three = "method.weight=3.0,method.weight_schedule=linear_decay,method.logit_kd_weight=0.0"
+    assert _selected("--groups", "logit_kd", "--variants", three) == [
+        {}, {"method.weight": 3.0, "method.weight_schedule": "linear_decay",
+             "method.logit_kd_weight": 0.0}]
     # the same pairs named one by one also select the alternatives made of fewer of them
-    assert len(_selected("--groups", "logit_kd", "--variants", *four.split(","))) == 4
-    assert _selected("--groups", "logit_kd", "--variants", "method.weight=1.0,x=1") == [{}]
+    assert len(_selected("--groups", "logit_kd", "--variants", *three.split(","))) == 3
+    assert _selected("--groups", "logit_kd", "--variants", "method.weight=3.0,x=1") == [{}]
 
 
 def test_no_selection_runs_the_whole_group_default_first() -> None:

@@ -73,6 +73,9 @@ def manual_spatial_kl(s: Tensor, t: Tensor, tau: float) -> Tensor:
 
 
 def prepared_pcd(scores: Tensor, *, cs: int, **kw: typing.Any) -> PCD:
+    """PCD with the given channel scores; the feature term alone unless ``logit_kd_weight``
+    is passed (the default's pixel KD needs teacher logits these tests do not build)."""
+    kw.setdefault("logit_kd_weight", 0.0)
     m = build("pcd", ct=scores.numel(), cs=cs, **kw)
     assert isinstance(m, PCD)
     m.set_scores(scores)
@@ -387,7 +390,7 @@ def test_state_dict_round_trip_restores_matching_exactly() -> None:
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     buf.seek(0)
-    b = build("pcd", ct=8, cs=4, keep=6, rematch_every=5)
+    b = build("pcd", ct=8, cs=4, keep=6, rematch_every=5, logit_kd_weight=0.0)
     b.load_state_dict(torch.load(buf, weights_only=True))
     for name in ("scores", "kept", "assignment", "match_iteration", "prepared"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
@@ -419,7 +422,7 @@ def test_adapter_distils_kept_channels_in_score_order_through_a_trainable_1x1() 
 
 def test_adapter_round_trips_through_state_dict() -> None:
     a = prepared_pcd(torch.rand(8), cs=4, keep=8, adapter=True)
-    b = build("pcd", ct=8, cs=4, keep=8, adapter=True)
+    b = build("pcd", ct=8, cs=4, keep=8, adapter=True, logit_kd_weight=0.0)
     b.load_state_dict(a.state_dict())
     s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 8, 3, 3)
     assert torch.equal(a({"feat": s}, {"feat": t}, labels(), 0)["pcd"],
