@@ -81,8 +81,10 @@ def groups_of(method: str) -> dict[str, list[dict[str, Any]]]:
 
 def variant_name(student: str, overrides: dict[str, Any], seed: int,
                  method: str = "pcd") -> str | None:
-    """None for the default (so the spec, and its hash, equal accuracy.py's run)."""
-    if not overrides:
+    """None for the default (so the spec, and its hash, equal accuracy.py's run), and for
+    PCD's previous default: under accuracy.py's name its spec is the one accuracy.py ran
+    before 2026-12-01, so its finished directories and recorded results are found as such."""
+    if not overrides or (method == "pcd" and overrides == PREVIOUS_DEFAULT):
         return None
     tag = "-".join(f"{k.split('.')[-1]}={v}" for k, v in overrides.items())
     return f"{student}-{method}-{tag}-s{seed}"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.ablate import parse_args, plan, variant_name
+from bench.ablate import PREVIOUS_DEFAULT, parse_args, plan, variant_name
 
 
 def _selected(*argv: str) -> list[dict[str, object]]:
@@ -51,3 +51,8 @@ def test_a_baseline_is_ablated_under_its_own_name_with_its_own_groups() -> None:
 def test_a_group_the_method_does_not_have_is_refused() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--method", "kd", "--groups", "adapter"])
+
+
+def test_the_previous_pcd_default_keeps_accuracy_pys_name_and_so_its_old_hash() -> None:
+    assert variant_name("r18", PREVIOUS_DEFAULT, 0) is None
+    assert variant_name("r18", {"method.weight": 3.0}, 0) == "r18-pcd-weight=3.0-s0"
