@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class StepRunner:
     """
 
     def __init__(self, method: str, *, teacher: nn.Module, student_arch: str, os_: int,
-                 device: torch.device, method_spec: MethodSpec) -> None:
+                 device: torch.device, choices: Mapping[str, Any]) -> None:
         self.name = method
         self.device = device
         if method == "teacher":
@@ -77,7 +77,9 @@ class StepRunner:
         else:
             self.net = build_model(student_arch, NUM_CLASSES, output_stride=os_).to(device)
             self.teacher = None if method == "ce" else teacher
-            spec = method_spec.model_copy(update={"name": "none" if method == "ce" else method})
+            # validated per method, so each gets its own defaults (PCD's includes pixel KD)
+            spec = MethodSpec.model_validate(
+                {**choices, "name": "none" if method == "ce" else method})
             key = "feat" if spec.tap == "head" else "backbone"
             t_ch = int(teacher.feat_channels if key == "feat" else teacher.backbone_channels)
             s_ch = int(self.net.feat_channels if key == "feat" else self.net.backbone_channels)
@@ -187,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     teacher = build_model(args.teacher or TEACHERS[args.scale], NUM_CLASSES,
                           output_stride=os_).to(device).eval().requires_grad_(False)
-    mspec = MethodSpec(rematch_every=args.rematch_every, score_batches=args.score_batches)
+    choices = {"rematch_every": args.rematch_every, "score_batches": args.score_batches}
     runners = {m: StepRunner(m, teacher=teacher, student_arch=args.student, os_=os_,
-                             device=device, method_spec=mspec) for m in args.methods}
+                             device=device, choices=choices) for m in args.methods}
     gen = torch.Generator().manual_seed(0)
     batches = [random_batch(batch, hw, device, gen) for _ in range(4)]
     overheads = {}
