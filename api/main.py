@@ -28,6 +28,7 @@ from jobs.storage import open_store
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
+API_STORAGE_RETRY_S = 5.0  # seconds an API request keeps retrying a failed S3 request
 TAGS = [
     {"name": "jobs", "description": "Submit, follow and cancel distillation jobs."},
     {"name": "artifacts", "description": "Download what a job produced."},
@@ -90,7 +91,10 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
     app.state.settings = settings
     app.state.engine = db.make_engine(settings.database_url)
     app.state.sessionmaker = db.make_sessionmaker(app.state.engine)
-    app.state.store = store if store is not None else open_store(settings.storage_url)
+    # The API answers people and load balancers: a request may wait a few seconds for S3,
+    # not the workers' two minutes (PCD_S3_RETRY_S), and /readyz must say so quickly.
+    app.state.store = store if store is not None else open_store(
+        settings.storage_url, retry_s=API_STORAGE_RETRY_S)
     app.state.dispatcher = dispatcher or KombuDispatcher(
         settings.broker_url, settings.work_dir, settings.visibility_timeout_s)
     app.state.sse_poll_s = 1.0

@@ -13,19 +13,34 @@ Why it is built this way:
 - Self-hosted servers need path-style addressing and an explicit endpoint; both come from
   arguments or the environment (``PCD_S3_ENDPOINT_URL``, ``AWS_*``), never from settings
   imports, so this module stays usable by any caller.
+- A blip is not a failed job. botocore retries a request 3 times within about a second;
+  an S3 server that restarts, fails over or sheds load is away for longer, and a worker
+  that gives up then loses a run at its checkpoint or its final upload. So every request
+  that is safe to repeat (whole-object PUT from a file or bytes, a part, GET, HEAD, LIST,
+  DELETE) is retried on errors that say "try again" (5xx, throttling, a dropped or timed-out
+  connection, a truncated body) with exponential backoff and jitter (tenacity) for up to
+  ``retry_s`` seconds (``PCD_S3_RETRY_S``, default 120). A 4xx answer is final at once.
+  Creating and completing a multipart upload are not repeated: a repeat after a lost
+  answer would open a second upload or fail on the finished one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import boto3
+import botocore.exceptions as botocore_errors
+import s3transfer.exceptions
+import tenacity
+from boto3.exceptions import Boto3Error
+from boto3.exceptions import RetriesExceededError as Boto3RetriesExceeded
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -47,6 +62,37 @@ MIB = 1 << 20
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
 _MAX_COPY = 5 * 1024 * MIB  # copy_object's single-request limit
 _MAX_PRESIGN_S = 7 * 24 * 3600  # SigV4's ceiling
+DEFAULT_RETRY_S = 120.0
+RETRY_FIRST_WAIT_S = 0.5  # then doubling, with jitter, up to 15 s between attempts
+# Error codes that mean "the server could not take it now", whatever the HTTP status.
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                              "ThrottlingException", "RequestTimeout", "RequestTimeoutException"})
+# A connection refused, reset or timed out, or a body cut short: the request never completed.
+_TRANSIENT_ERRORS = (botocore_errors.ConnectionError, botocore_errors.HTTPClientError,
+                     botocore_errors.IncompleteReadError, Boto3RetriesExceeded,
+                     s3transfer.exceptions.RetriesExceededError)
+T = TypeVar("T")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether the same request may succeed if sent again.
+
+    boto3 wraps what went wrong (an upload's ``ClientError`` becomes ``S3UploadFailedError``,
+    its message the only trace), so the chain of causes is walked to the first botocore
+    error, and that decides: a 5xx, 429 or throttling code, or a transport failure, is
+    transient; any other answer (403, 404, a bad request) is not.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ClientError):
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+        if isinstance(exc, _TRANSIENT_ERRORS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 class S3Store:
@@ -67,6 +113,7 @@ class S3Store:
         part_size: int = 8 * MIB,
         multipart_threshold: int = 16 * MIB,
         max_concurrency: int = 2,
+        retry_s: float | None = None,
     ) -> None:
         if not bucket:
             raise ValueError("an s3:// store needs a bucket name")
@@ -80,6 +127,7 @@ class S3Store:
             max_concurrency=max_concurrency, use_threads=max_concurrency > 1,
         )
         self._bucket_checked = False
+        self.retry_s = _retry_window(retry_s)
         self.client = client or _make_client(endpoint_url, access_key, secret_key,
                                              session_token, region)
         # Presigned URLs are signed for the host that clients will call. Inside compose the
@@ -110,14 +158,29 @@ class S3Store:
             raise ValueError(f"{uri_or_key} is not inside {self.uri_base}")
         return check_key(uri_or_key[len(self.uri_base):])
 
+    def _retried(self, key: str, request: Callable[[], T]) -> T:
+        """``request()``, sent again on transient errors for up to ``retry_s`` seconds, its
+        final error translated into the contract's (see the module doc)."""
+        with _errors(key):
+            if self.retry_s <= 0:
+                return request()
+            retrying = tenacity.Retrying(
+                retry=tenacity.retry_if_exception(is_transient),
+                stop=tenacity.stop_after_delay(self.retry_s),
+                wait=(tenacity.wait_exponential(multiplier=RETRY_FIRST_WAIT_S, max=15.0)
+                      + tenacity.wait_random(0, RETRY_FIRST_WAIT_S)),
+                before_sleep=lambda state: _log_retry(self, key, state),
+                reraise=True,
+            )
+            return retrying(request)
+
     # ------------------------------------------------------------------------ writes
     def put_file(self, key: str, path: str | Path) -> ObjectInfo:
         full = self._full(key)
         sha256, size = file_sha256(path)  # first, so the metadata can carry it
-        with _errors(key):
-            self.client.upload_file(str(path), self.bucket, full,
-                                    ExtraArgs={"Metadata": {"sha256": sha256}},
-                                    Config=self._transfer)
+        self._retried(key, lambda: self.client.upload_file(
+            str(path), self.bucket, full, ExtraArgs={"Metadata": {"sha256": sha256}},
+            Config=self._transfer))
         return ObjectInfo(key, size, sha256, self.uri(key))
 
     def put_stream(
@@ -146,9 +209,9 @@ class S3Store:
                     del part
             sha256 = hasher.hexdigest
             if upload_id is None:  # small: one PUT, metadata known up front
-                with _errors(key):
-                    self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(buf),
-                                           Metadata={"sha256": sha256})
+                body = bytes(buf)
+                self._retried(key, lambda: self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=body, Metadata={"sha256": sha256}))
             else:
                 if buf:
                     parts.append(self._upload_part(key, full, upload_id, len(parts) + 1,
@@ -169,9 +232,8 @@ class S3Store:
 
     def _upload_part(self, key: str, full: str, upload_id: str, number: int,
                      body: bytes) -> dict[str, Any]:
-        with _errors(key):
-            resp = self.client.upload_part(Bucket=self.bucket, Key=full, UploadId=upload_id,
-                                           PartNumber=number, Body=body)
+        resp = self._retried(key, lambda: self.client.upload_part(
+            Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number, Body=body))
         return {"PartNumber": number, "ETag": resp["ETag"]}
 
     def _set_sha256(self, full: str, sha256: str, size: int) -> None:
@@ -193,8 +255,8 @@ class S3Store:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
-            with _errors(key):
-                self.client.download_file(self.bucket, full, str(tmp), Config=self._transfer)
+            self._retried(key, lambda: self.client.download_file(
+                self.bucket, full, str(tmp), Config=self._transfer))
             os.replace(tmp, dest)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -203,15 +265,17 @@ class S3Store:
 
     def open_stream(self, key: str, chunk_size: int = DEFAULT_CHUNK) -> Iterator[bytes]:
         full = self._full(key)
-        with _errors(key):  # the GET happens now, so a missing key fails at the call
-            body = self.client.get_object(Bucket=self.bucket, Key=full)["Body"]
+        # The GET happens now, so a missing key fails at the call. Only the request is
+        # retried: once bytes have gone to the caller, a cut stream is the caller's error.
+        body = self._retried(key, lambda: self.client.get_object(
+            Bucket=self.bucket, Key=full))["Body"]
         return _iter_body(body, key, chunk_size)
 
     def stat(self, key: str) -> ObjectInfo | None:
         full = self._full(key)
         try:
-            with _errors(key):
-                head = self.client.head_object(Bucket=self.bucket, Key=full)
+            head = self._retried(key, lambda: self.client.head_object(
+                Bucket=self.bucket, Key=full))
         except ObjectNotFound:
             # HEAD cannot tell a missing key from a missing bucket; a readiness probe must.
             self._check_bucket()
@@ -224,8 +288,9 @@ class S3Store:
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         full_prefix = self.prefix + check_prefix(prefix)
-        out = []
-        with _errors(prefix):
+
+        def listing() -> list[ObjectInfo]:  # a retry starts the listing again
+            out = []
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=full_prefix)
             for page in pages:
@@ -235,12 +300,14 @@ class S3Store:
                     key = obj["Key"][len(self.prefix):]
                     out.append(ObjectInfo(key, int(obj["Size"]), None, self.uri(key),
                                           obj.get("ETag", "").strip('"') or None))
-        return sorted(out, key=lambda info: info.key)
+            return out
+
+        return sorted(self._retried(prefix, listing), key=lambda info: info.key)
 
     # ----------------------------------------------------------------------- deletes
     def delete(self, key: str) -> None:
-        with _errors(key):
-            self.client.delete_object(Bucket=self.bucket, Key=self._full(key))
+        full = self._full(key)
+        self._retried(key, lambda: self.client.delete_object(Bucket=self.bucket, Key=full))
 
     def delete_prefix(self, prefix: str) -> int:
         if not prefix:
@@ -248,9 +315,9 @@ class S3Store:
         keys = [self.prefix + info.key for info in self.list(prefix)]
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in keys[start:start + 1000]]
-            with _errors(prefix):
-                resp = self.client.delete_objects(Bucket=self.bucket,
-                                                  Delete={"Objects": batch, "Quiet": True})
+            resp = self._retried(prefix, functools.partial(
+                self.client.delete_objects, Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True}))
             if resp.get("Errors"):
                 first = resp["Errors"][0]
                 raise StorageError(f"could not delete {len(resp['Errors'])} objects under "
@@ -267,11 +334,13 @@ class S3Store:
         if self._bucket_checked:
             return
         try:
-            self.client.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            raise StorageError(f"bucket {self.bucket!r} unreachable: {exc}") from exc
-        except BotoCoreError as exc:
-            raise StorageError(f"S3 endpoint unreachable: {exc}") from exc
+            self._retried(self.bucket, lambda: self.client.head_bucket(Bucket=self.bucket))
+        except ObjectNotFound as exc:  # HEAD's 404: no such bucket
+            raise StorageError(f"bucket {self.bucket!r} unreachable: it does not exist "
+                               f"({exc.__cause__})") from exc
+        except StorageError as exc:
+            raise StorageError(f"bucket {self.bucket!r} unreachable: {exc.__cause__ or exc}"
+                               ) from exc
         self._bucket_checked = True
 
 
@@ -296,6 +365,25 @@ def _make_client(endpoint_url: str | None, access_key: str | None, secret_key: s
     )
 
 
+def _retry_window(retry_s: float | None) -> float:
+    """Seconds to keep retrying: the argument, else ``PCD_S3_RETRY_S``, else the default."""
+    if retry_s is not None:
+        return max(0.0, float(retry_s))
+    raw = os.environ.get("PCD_S3_RETRY_S", "").strip()
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_RETRY_S
+    except ValueError as exc:
+        raise ValueError(f"PCD_S3_RETRY_S must be a number of seconds, not {raw!r}") from exc
+
+
+def _log_retry(store: S3Store, key: str, state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else 0.0
+    log.warning("S3 %s/%s: attempt %d failed (%s: %s); again in %.1f s (gives up %.0f s "
+                "after the first)", store.uri_base, key, state.attempt_number,
+                type(exc).__name__, exc, wait, store.retry_s)
+
+
 @contextlib.contextmanager
 def _errors(key: str) -> Iterator[None]:
     """Translate botocore errors into the storage errors of the contract."""
@@ -308,6 +396,8 @@ def _errors(key: str) -> Iterator[None]:
         raise StorageError(f"S3 error on {key!r}: {exc}") from exc
     except BotoCoreError as exc:
         raise StorageError(f"S3 unreachable on {key!r}: {exc}") from exc
+    except Boto3Error as exc:  # S3UploadFailedError, RetriesExceededError: transfer failures
+        raise StorageError(f"S3 transfer of {key!r} failed: {exc}") from exc
 
 
 def _iter_body(body: Any, key: str, chunk_size: int) -> Iterator[bytes]:

