@@ -18,8 +18,9 @@ Why it is built this way:
   that gives up then loses a run at its checkpoint or its final upload. So every request
   that is safe to repeat (whole-object PUT from a file or bytes, a part, GET, HEAD, LIST,
   DELETE) is retried on errors that say "try again" (5xx, throttling, a dropped or timed-out
-  connection, a truncated body) with exponential backoff and jitter (tenacity) for up to
-  ``retry_s`` seconds (``PCD_S3_RETRY_S``, default 120). A 4xx answer is final at once.
+  connection, a truncated body) with exponential backoff and jitter (tenacity) until
+  ``retry_s`` seconds (``PCD_S3_RETRY_S``, default 120) have passed since the first attempt;
+  the last wait may overrun that by at most 15 s. A 4xx answer is final at once.
   Creating and completing a multipart upload are not repeated: a repeat after a lost
   answer would open a second upload or fail on the finished one.
 """
