@@ -16,6 +16,7 @@ Scores are the engine's ``evaluate`` on val (``bench/_runs.score_dir``). The sca
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from bench._common import (
     SCALES,
     TEACHERS,
     THIN_CLASSES,
+    Scale,
     format_paired,
     machine_facts,
     markdown_table,
@@ -72,7 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "finish by then, judged from the wall time of finished runs")
     p.add_argument("--threads", type=int, help="torch threads (1 per process runs two seeds "
                    "in parallel without OpenMP barrier stalls on a loaded 2-core machine)")
+    p.add_argument("--student-iterations", type=int, metavar="N",
+                   help="train every student N iterations instead of the scale's budget (the "
+                   "teacher is unchanged; warmup and checkpoints scale with N): does a gap "
+                   "between methods grow or shrink with training length?")
     return p.parse_args(argv)
+
+
+def scale_of(args: argparse.Namespace) -> Scale:
+    """The named scale, with the student budget of ``--student-iterations`` when given."""
+    scale = SCALES[args.scale]
+    if args.student_iterations:
+        scale = dataclasses.replace(scale, student_iterations=args.student_iterations)
+    return scale
 
 
 def plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
@@ -87,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    scale = SCALES[args.scale]
+    scale = scale_of(args)
     t_arch = args.teacher or TEACHERS[args.scale]
     t_spec = teacher_spec(scale, t_arch)
     t_dir = run_dir(args.runs_dir, scale, t_spec)

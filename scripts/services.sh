@@ -6,6 +6,8 @@
 #   scripts/services.sh env      print the env only (eval "$(scripts/services.sh env)")
 #   scripts/services.sh status   one line per service; exit 1 if any is down
 #   scripts/services.sh down     stop only what this script started (pidfiles under var/)
+#   scripts/services.sh weed-server DATA_DIR S3_CONFIG
+#                                run one more SeaweedFS in the foreground (ports from the env)
 #
 # `up` is idempotent and takes well under a second when everything already answers.
 # Logs go to stderr; stdout carries only `export NAME=value` lines, so
@@ -137,17 +139,31 @@ up_seaweedfs() {
   "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 JSON
   log "starting SeaweedFS ($("$weed" version 2>/dev/null | head -1)) on :$S3_PORT"
-  # One process: master + volume + filer + S3 gateway. resumeState=false and a 1 s election
-  # make a restart ready in ~3 s instead of ~20 s (single node: nothing to resume from).
-  # Small volumes (64 MiB) keep the data directory small; volume.max=0 sizes by free disk.
-  nohup "$weed" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$WEED_DIR" \
-    -master.port="$WEED_MASTER_PORT" -master.resumeState=false -master.electionTimeout=1s \
-    -master.volumeSizeLimitMB=64 -volume.max=0 -volume.port="$WEED_VOLUME_PORT" \
-    -volume.preStopSeconds=0 -filer.port="$WEED_FILER_PORT" \
-    -s3 -s3.port="$S3_PORT" -s3.config="$VAR/s3.json" -s3.port.iceberg=0 -s3.port.lance=0 \
+  weed_server_argv "$WEED_DIR" "$VAR/s3.json"
+  nohup "$weed" "${WEED_ARGV[@]}" \
     > "$VAR/seaweedfs.log" 2>&1 9>&- &  # 9>&-: the server must not inherit the lock
   echo $! > "$VAR/seaweedfs.pid"
   ensure_bucket
+}
+
+weed_server_argv() {  # weed_server_argv DATA_DIR S3_CONFIG: sets WEED_ARGV
+  # One process: master + volume + filer + S3 gateway. resumeState=false and a 1 s election
+  # make a restart ready in ~3 s instead of ~20 s (single node: nothing to resume from).
+  # Small volumes (64 MiB) keep the data directory small; volume.max=0 sizes by free disk.
+  WEED_ARGV=(server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$1"
+    -master.port="$WEED_MASTER_PORT" -master.resumeState=false -master.electionTimeout=1s
+    -master.volumeSizeLimitMB=64 -volume.max=0 -volume.port="$WEED_VOLUME_PORT"
+    -volume.preStopSeconds=0 -filer.port="$WEED_FILER_PORT"
+    -s3 -s3.port="$S3_PORT" -s3.config="$2" -s3.port.iceberg=0 -s3.port.lance=0)
+}
+
+cmd_weed_server() {  # weed-server DATA_DIR S3_CONFIG: a SeaweedFS of the caller's own
+  # In the foreground (exec: signals reach weed itself), on the ports of the PCD_* env
+  # above, with the same flags as `up`; the integration tests' private server uses it.
+  [ $# -eq 2 ] || { echo "usage: $0 weed-server DATA_DIR S3_CONFIG" >&2; exit 2; }
+  local weed; weed=$(find_weed)
+  weed_server_argv "$1" "$2"
+  exec "$weed" "${WEED_ARGV[@]}"
 }
 
 ensure_bucket() {
@@ -231,5 +247,6 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   env) print_env ;;
-  *) echo "usage: $0 up|down|status|env" >&2; exit 2 ;;
+  weed-server) shift; cmd_weed_server "$@" ;;
+  *) echo "usage: $0 up|down|status|env|weed-server DATA_DIR S3_CONFIG" >&2; exit 2 ;;
 esac

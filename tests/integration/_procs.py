@@ -193,15 +193,16 @@ class SeaweedServer:
             "name": "it",
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        # services.sh runs it with the flags of the shared server, on our own ports.
         p = self.ports
-        argv = [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
-                f"-master.port={p['master']}", "-master.resumeState=false",
-                "-master.electionTimeout=1s", "-master.volumeSizeLimitMB=64", "-volume.max=0",
-                f"-volume.port={p['volume']}", "-volume.preStopSeconds=0",
-                f"-filer.port={p['filer']}", "-s3", f"-s3.port={p['s3']}",
-                f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0"]
+        env = {**os.environ, "WEED_BIN": weed, "PCD_S3_PORT": str(p["s3"]),
+               "PCD_WEED_MASTER_PORT": str(p["master"]),
+               "PCD_WEED_VOLUME_PORT": str(p["volume"]),
+               "PCD_WEED_FILER_PORT": str(p["filer"])}
+        argv = ["bash", str(ROOT / "scripts" / "services.sh"), "weed-server", str(data),
+                str(config)]
         log = (self.root / "seaweedfs.log").open("ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for(self._bucket_writable, timeout, f"SeaweedFS on :{p['s3']}", poll=0.3)
 

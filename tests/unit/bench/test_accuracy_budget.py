@@ -1,0 +1,32 @@
+"""bench/accuracy.py --student-iterations: a longer student budget is a different experiment.
+
+The longer runs must never be mistaken for (or overwrite) the scale's own runs, and the
+teacher they distil from must be the same one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench._runs import run_dir, student_spec, teacher_spec
+from bench.accuracy import parse_args, scale_of
+
+
+def test_the_student_budget_changes_students_and_not_the_teacher() -> None:
+    base = scale_of(parse_args([]))
+    longer = scale_of(parse_args(["--student-iterations", "800"]))
+    assert (base.student_iterations, longer.student_iterations) == (400, 800)
+    assert teacher_spec(base, "deeplabv3_resnet50") == teacher_spec(longer, "deeplabv3_resnet50")
+
+    t_dir = Path("runs/bench/cpu/teacher")
+    short = student_spec(base, "deeplabv3_resnet18", "pcd", 0, "deeplabv3_resnet50", t_dir)
+    long = student_spec(longer, "deeplabv3_resnet18", "pcd", 0, "deeplabv3_resnet50", t_dir)
+    assert long.train.iterations == 800
+    assert long.train.warmup_iterations == 2 * short.train.warmup_iterations
+    runs = Path("runs/bench")
+    assert run_dir(runs, base, short) != run_dir(runs, longer, long)
+
+
+def test_no_flag_keeps_the_scale() -> None:
+    args = parse_args(["--scale", "gpu"])
+    assert scale_of(args).student_iterations == 1000
