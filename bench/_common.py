@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench._prodfacts import cpu_model
+from bench._prodfacts import cpu_model, cpu_signature
 
 REPO = Path(__file__).resolve().parents[1]
 CAMVID = Path(os.environ.get("PCD_CAMVID", REPO.parent / "shared" / "datasets" / "camvid"))
@@ -82,7 +82,9 @@ def machine_facts() -> dict[str, Any]:
         "host": platform.node(), "cpu_count": os.cpu_count(),
         # CPU results differ between machines (the same teacher spec gave 46.12 mIoU on an
         # earlier machine and 47.90 on an AVX-512 EPYC), so a result names its CPU.
-        "cpu_model": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # and "AMD EPYC" alone names more than one kind (47.90 and 46.40 for that teacher).
+        "cpu_model": cpu_model(), "cpu_signature": cpu_signature(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -50,6 +50,29 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def cpu_signature(cpuinfo: str | None = None) -> str | None:
+    """x86 family/model/stepping from /proc/cpuinfo, e.g. "family 25 model 17 stepping 1".
+
+    A virtual machine's model name can be as vague as "AMD EPYC" across CPU generations
+    whose float results differ (bench/README.md), so CPU-reproducibility claims need this
+    too. None where the fields are missing (not x86 Linux)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip() and fields:
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        if key.strip() in ("cpu family", "model", "stepping"):
+            fields.setdefault(key.strip(), value.strip())
+    if len(fields) < 3:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']} stepping {fields['stepping']}"
+
+
 def _mem_total_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -84,6 +107,7 @@ def machine_facts(database_url: str | None = None) -> dict[str, Any]:
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_signature": cpu_signature(),
         "mem_total_gib": _mem_total_gib(),
         "load_average_1_5_15": load_average(),
         "busiest_processes": busiest_processes(),

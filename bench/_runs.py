@@ -9,10 +9,15 @@ that ``python -m pcd_core eval --model DIR`` can score on any split.
 
 :func:`run_scores` also reads *recorded* runs: the per-run scores that committed JSON under
 ``bench/results/`` holds for a run directory this machine no longer has. CPU training here is
-bit-for-bit reproducible per CPU model (bench/README.md), so a record is only taken from a
-file whose ``machine.cpu_model`` is this machine's, and every use of one is marked with the
-file it came from (``recorded_in``). That lets a session that has lost ``runs/`` add seeds or
-variants without spending an hour re-training baselines whose numbers are already known.
+bit-for-bit reproducible per CPU kind (bench/README.md), so a record is only taken from a
+file whose ``machine.cpu_model`` is this machine's (and whose ``cpu_signature``, where the
+file has one, too), and every use of one is marked with the file it came from
+(``recorded_in``). That lets a session that has lost ``runs/`` add seeds or variants without
+spending an hour re-training baselines whose numbers are already known. A model name can
+still cover two kinds (files written before the signature was recorded), so the scripts
+also check the teacher (:func:`check_teacher_record`): every student depends on it, and a
+teacher retrained here that does not score its record to the last digit means the records
+are of another kind.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from bench._common import (
     count_params,
     write_json,
 )
-from bench._prodfacts import cpu_model
+from bench._prodfacts import cpu_model, cpu_signature
 from pcd_core.cli import apply_overrides
 from pcd_core.progress import Callback, Progress
 from pcd_core.spec import RunSpec
@@ -135,7 +140,7 @@ def ensure_run(spec: RunSpec, out: Path, *, recorded: bool = False) -> dict[str,
         return json.loads((out / "metrics.json").read_text())
     if recorded and recorded_only(out):
         print(f"[bench] skip {out} (recorded)", flush=True)
-        return recorded_runs(cpu_model())[str(out)]
+        return this_machines_records()[str(out)]
     resume = "auto" if (out / "checkpoints").is_dir() else None
     print(f"[bench] {'resume' if resume else 'start'} {out}", flush=True)
     run(spec, out, callbacks=[LogCallback(spec.name)], resume=resume, device="cpu"
@@ -188,14 +193,14 @@ def run_scores(out: Path, scale: Scale, *, recorded: bool = False) -> dict[str, 
         metrics = json.loads((out / "metrics.json").read_text())
         return {"wall_s": metrics.get("wall_s"), **score_dir(out, scale)}
     if recorded:
-        return recorded_runs(cpu_model()).get(str(out))
+        return this_machines_records().get(str(out))
     return None
 
 
 def recorded_only(out: Path) -> bool:
     """True when ``out`` did not finish here but this CPU model's JSON records it: a script
     run with ``--recorded`` then skips training it (its record stands in for it)."""
-    return not (out / "metrics.json").is_file() and str(out) in recorded_runs(cpu_model())
+    return not (out / "metrics.json").is_file() and str(out) in this_machines_records()
 
 
 def provenance_note(runs: list[dict[str, Any]]) -> str:
@@ -208,9 +213,38 @@ def provenance_note(runs: list[dict[str, Any]]) -> str:
             f"in this checkout), from: {', '.join(files)}")
 
 
+class RecordMismatch(RuntimeError):
+    """The committed records of this CPU model were measured on another numeric kind."""
+
+
+def check_teacher_record(t_dir: Path, scale: Scale) -> None:
+    """Raise :class:`RecordMismatch` when the teacher trained here does not score exactly what
+    this CPU model's records say it scored: then every recorded student was distilled from
+    a different teacher, on a machine whose floats differ, and none of them may stand in for
+    a run here. A teacher not trained here yet cannot be checked (and is not recorded-only:
+    the scripts always train it)."""
+    rec = this_machines_records().get(str(t_dir))
+    if rec is None or not (t_dir / "metrics.json").is_file():
+        return
+    here = score_dir(t_dir, scale)["miou"]
+    if here != rec["miou"]:
+        raise RecordMismatch(
+            f"the teacher {t_dir} scores {here!r} mIoU here and {rec['miou']!r} in "
+            f"{rec['recorded_in']} (CPU model {cpu_model()!r}, signature "
+            f"{cpu_signature()!r}): the records come from another kind of machine that shares "
+            f"this model name; run without --recorded")
+
+
+def this_machines_records() -> dict[str, dict[str, Any]]:
+    """:func:`recorded_runs` for this machine's CPU model and signature."""
+    return recorded_runs(cpu_model(), signature=cpu_signature())
+
+
 @functools.cache
-def recorded_runs(cpu: str | None, results: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Per-run records by run directory, from every ``results/*.json`` measured on ``cpu``.
+def recorded_runs(cpu: str | None, results: Path | None = None,
+                  signature: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per-run records by run directory, from every ``results/*.json`` measured on ``cpu``
+    (and, when both the file and the caller name one, on the same ``signature``).
 
     A record is a run's scores as ``score_dir`` wrote them (plus ``dir`` and ``wall_s``),
     found in an accuracy JSON (``teacher``, ``runs``) or an ablation JSON (``rows[].runs``).
@@ -222,7 +256,10 @@ def recorded_runs(cpu: str | None, results: Path | None = None) -> dict[str, dic
         return found
     for path in sorted((results or RESULTS).glob("*.json")):
         doc = json.loads(path.read_text())
-        if not isinstance(doc, dict) or (doc.get("machine") or {}).get("cpu_model") != cpu:
+        machine = (doc.get("machine") or {}) if isinstance(doc, dict) else {}
+        if not machine or machine.get("cpu_model") != cpu:
+            continue
+        if signature and machine.get("cpu_signature") not in (None, signature):
             continue
         for rec in _run_records(doc):
             found.setdefault(rec["dir"], {"recorded_in": path.name, **rec})

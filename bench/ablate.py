@@ -34,6 +34,8 @@ from bench._common import (
     write_json,
 )
 from bench._runs import (
+    RecordMismatch,
+    check_teacher_record,
     ensure_run,
     provenance_note,
     run_dir,
@@ -157,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     t_dir = run_dir(args.runs_dir, scale, t_spec)
     if not args.table_only:
         ensure_run(t_spec, t_dir)
+    if args.recorded:
+        try:  # before any record stands in for a run
+            check_teacher_record(t_dir, scale)
+        except RecordMismatch as e:
+            print(f"[bench] {e}", file=sys.stderr, flush=True)
+            return 2
+    if not args.table_only:
         for _group, ov, seed in plan(args):
             spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,
                                 name=variant_name(args.student, ov, seed, args.method))

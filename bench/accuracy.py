@@ -38,6 +38,8 @@ from bench._common import (
     write_json,
 )
 from bench._runs import (
+    RecordMismatch,
+    check_teacher_record,
     ensure_run,
     is_finished,
     provenance_note,
@@ -108,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     walls: dict[str, float] = {}
     if not args.table_only:
         ensure_run(t_spec, t_dir)
+    if args.recorded:
+        try:  # before any record stands in for a run
+            check_teacher_record(t_dir, scale)
+        except RecordMismatch as e:
+            print(f"[bench] {e}", file=sys.stderr, flush=True)
+            return 2
+    if not args.table_only:
         if args.teacher_only:
             return report(args, scale, t_dir, t_arch)
         for student, method, seed in plan(args):

@@ -8,6 +8,7 @@ came from.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,42 @@ def test_ensure_run_returns_a_record_instead_of_training(results: Path) -> None:
                              "deeplabv3_resnet50", Path("runs/t"))
     assert runs.ensure_run(spec, Path("runs/ce-s0"), recorded=True)["miou"] == 0.32
     assert not Path("runs/ce-s0").exists()  # nothing was trained or written
+
+
+def test_a_file_of_another_cpu_signature_is_skipped(results: Path) -> None:
+    # one model name, two kinds: a file that names its signature is used only on that one
+    (results / "f_signed.json").write_text(json.dumps({
+        "machine": {"cpu_model": XEON, "cpu_signature": "family 6 model 143 stepping 8"},
+        "runs": [_rec("runs/signed-s0", 0.31)]}))
+    assert "runs/signed-s0" in runs.recorded_runs(XEON, signature="family 6 model 143 stepping 8")
+    other = runs.recorded_runs(XEON, signature="family 6 model 106 stepping 6")
+    assert "runs/signed-s0" not in other
+    assert "runs/ce-s0" in other  # files from before signatures stay usable
+    assert "runs/signed-s0" in runs.recorded_runs(XEON)  # no signature known here: by model
+
+
+def _teacher_here(out: Path, miou: float) -> None:
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps({"wall_s": 5.0}))
+    (out / runs.SCORE_FILE).write_text(json.dumps({"miou": miou}))
+
+
+def test_a_teacher_that_disagrees_with_its_record_refuses_the_records(
+        results: Path, tmp_path: Path) -> None:
+    t_dir = tmp_path / "runs" / "t"
+    _write(results / "e.json", XEON, {"teacher": _rec(str(t_dir), 0.4790)})
+    runs.recorded_runs.cache_clear()
+    runs.check_teacher_record(t_dir, SCALES["cpu"])  # not trained here yet: nothing to check
+    _teacher_here(t_dir, 0.4640)
+    with pytest.raises(runs.RecordMismatch, match=re.escape("0.464 mIoU here and 0.479 in e.json")):
+        runs.check_teacher_record(t_dir, SCALES["cpu"])
+
+
+def test_a_teacher_that_matches_its_record_to_the_last_digit_passes(
+        results: Path, tmp_path: Path) -> None:
+    t_dir = tmp_path / "runs" / "t"
+    _write(results / "e.json", XEON, {"teacher": _rec(str(t_dir), 0.4612241983655405)})
+    runs.recorded_runs.cache_clear()
+    _teacher_here(t_dir, 0.4612241983655405)
+    runs.check_teacher_record(t_dir, SCALES["cpu"])
+    runs.check_teacher_record(tmp_path / "runs" / "unrecorded", SCALES["cpu"])
