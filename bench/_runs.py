@@ -14,10 +14,10 @@ file whose ``machine.cpu_model`` is this machine's (and whose ``cpu_signature``,
 file has one, too), and every use of one is marked with the file it came from
 (``recorded_in``). That lets a session that has lost ``runs/`` add seeds or variants without
 spending an hour re-training baselines whose numbers are already known. A model name can
-still cover two kinds (files written before the signature was recorded), so the scripts
-also check the teacher (:func:`check_teacher_record`): every student depends on it, and a
-teacher retrained here that does not score its record to the last digit means the records
-are of another kind.
+still cover machines that do not reproduce each other (files written before the signature
+was recorded), so the scripts also check the teacher (:func:`check_teacher_record`): every
+distilled student depends on it, and a teacher retrained here that does not score its
+record to the last digit refuses the records.
 """
 
 from __future__ import annotations
@@ -214,14 +214,15 @@ def provenance_note(runs: list[dict[str, Any]]) -> str:
 
 
 class RecordMismatch(RuntimeError):
-    """The committed records of this CPU model were measured on another numeric kind."""
+    """This machine does not reproduce the committed records of its CPU model."""
 
 
 def check_teacher_record(t_dir: Path, scale: Scale) -> None:
     """Raise :class:`RecordMismatch` when the teacher trained here does not score exactly what
     this CPU model's records say it scored: then every recorded student was distilled from
-    a different teacher, on a machine whose floats differ, and none of them may stand in for
-    a run here. A teacher not trained here yet cannot be checked (and is not recorded-only:
+    a different teacher and the machine does not reproduce the files, so none of their runs
+    may stand in for a run here (not even CE, which needs no teacher: the check is by file
+    kind, not by run). A teacher not trained here yet cannot be checked (and is not recorded-only:
     the scripts always train it)."""
     rec = this_machines_records().get(str(t_dir))
     if rec is None or not (t_dir / "metrics.json").is_file():
@@ -231,8 +232,8 @@ def check_teacher_record(t_dir: Path, scale: Scale) -> None:
         raise RecordMismatch(
             f"the teacher {t_dir} scores {here!r} mIoU here and {rec['miou']!r} in "
             f"{rec['recorded_in']} (CPU model {cpu_model()!r}, signature "
-            f"{cpu_signature()!r}): the records come from another kind of machine that shares "
-            f"this model name; run without --recorded")
+            f"{cpu_signature()!r}): the recorded students were distilled from another "
+            f"teacher and this machine does not reproduce that file; run without --recorded")
 
 
 def this_machines_records() -> dict[str, dict[str, Any]]:
