@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def run_name(args: argparse.Namespace, student: str, method: str, seed: int) -> str | None:
+    """None (bench/_runs' default name) at the scale's budget; with ``--student-iterations``
+    the budget is in the name, so a longer run's directory says what it is."""
+    if not args.student_iterations:
+        return None
+    return f"{student}-{method}-s{seed}-it{args.student_iterations}"
+
+
 def scale_of(args: argparse.Namespace) -> Scale:
     """The named scale, with the student budget of ``--student-iterations`` when given."""
     scale = SCALES[args.scale]
@@ -120,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.teacher_only:
             return report(args, scale, t_dir, t_arch)
         for student, method, seed in plan(args):
-            spec = student_spec(scale, student, method, seed, t_arch, t_dir)
+            spec = student_spec(scale, student, method, seed, t_arch, t_dir,
+                                name=run_name(args, student, method, seed))
             d = run_dir(args.runs_dir, scale, spec)
             if not fits_deadline(args.deadline, d, spec, walls.get(method)):
                 continue
@@ -151,7 +160,8 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> d
     """Scores of every finished run of the plan (unfinished ones are simply absent)."""
     runs: list[dict[str, Any]] = []
     for student, method, seed in plan(args):
-        spec = student_spec(scale, student, method, seed, t_arch, t_dir)
+        spec = student_spec(scale, student, method, seed, t_arch, t_dir,
+                                name=run_name(args, student, method, seed))
         d = run_dir(args.runs_dir, scale, spec)
         scores = run_scores(d, scale, recorded=args.recorded)
         if scores is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench._runs import run_dir, student_spec, teacher_spec
-from bench.accuracy import parse_args, scale_of
+from bench.accuracy import parse_args, run_name, scale_of
 
 
 def test_the_student_budget_changes_students_and_not_the_teacher() -> None:
@@ -30,3 +30,9 @@ def test_the_student_budget_changes_students_and_not_the_teacher() -> None:
 def test_no_flag_keeps_the_scale() -> None:
     args = parse_args(["--scale", "gpu"])
     assert scale_of(args).student_iterations == 1000
+
+
+def test_a_longer_run_says_its_budget_in_its_name() -> None:
+    assert run_name(parse_args([]), "deeplabv3_resnet18", "kd", 0) is None
+    longer = parse_args(["--student-iterations", "800"])
+    assert run_name(longer, "deeplabv3_resnet18", "kd", 3) == "deeplabv3_resnet18-kd-s3-it800"
