@@ -7,6 +7,7 @@ noisy machine is only comparable with another run whose facts say the same.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shlex
@@ -39,14 +40,20 @@ def _first_line(argv: list[str]) -> str | None:
     return text.splitlines()[0].strip() if text else None
 
 
+@functools.cache
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once: the bench looks up its records by CPU run after run."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_model() -> str | None:
     """The CPU's model name from /proc/cpuinfo (or platform's guess elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or None
 
 
@@ -57,10 +64,7 @@ def cpu_signature(cpuinfo: str | None = None) -> str | None:
     whose float results differ (bench/README.md), so CPU-reproducibility claims need this
     too. None where the fields are missing (not x86 Linux)."""
     if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
+        cpuinfo = _cpuinfo()
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         if not line.strip() and fields:

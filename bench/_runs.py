@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -234,6 +235,23 @@ def check_teacher_record(t_dir: Path, scale: Scale) -> None:
             f"{rec['recorded_in']} (CPU model {cpu_model()!r}, signature "
             f"{cpu_signature()!r}): the recorded students were distilled from another "
             f"teacher and this machine does not reproduce that file; run without --recorded")
+
+
+def ready_teacher(spec: RunSpec, t_dir: Path, scale: Scale, *, train: bool,
+                  recorded: bool) -> bool:
+    """Train the teacher (when ``train``) and, when records may stand in for runs, check it
+    against its record first (:func:`check_teacher_record`). False, said on stderr, when the
+    records must not be used: the script should stop before training any student."""
+    if train:
+        ensure_run(spec, t_dir)
+    if not recorded:
+        return True
+    try:
+        check_teacher_record(t_dir, scale)
+    except RecordMismatch as e:
+        print(f"[bench] {e}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def this_machines_records() -> dict[str, dict[str, Any]]:

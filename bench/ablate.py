@@ -34,10 +34,9 @@ from bench._common import (
     write_json,
 )
 from bench._runs import (
-    RecordMismatch,
-    check_teacher_record,
     ensure_run,
     provenance_note,
+    ready_teacher,
     run_dir,
     run_scores,
     student_spec,
@@ -157,14 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     t_arch = TEACHERS[args.scale]
     t_spec = teacher_spec(scale, t_arch)
     t_dir = run_dir(args.runs_dir, scale, t_spec)
-    if not args.table_only:
-        ensure_run(t_spec, t_dir)
-    if args.recorded:
-        try:  # before any record stands in for a run
-            check_teacher_record(t_dir, scale)
-        except RecordMismatch as e:
-            print(f"[bench] {e}", file=sys.stderr, flush=True)
-            return 2
+    if not ready_teacher(t_spec, t_dir, scale, train=not args.table_only,
+                         recorded=args.recorded):
+        return 2
     if not args.table_only:
         for _group, ov, seed in plan(args):
             spec = student_spec(scale, args.student, args.method, seed, t_arch, t_dir, ov,

@@ -38,16 +38,16 @@ from bench._common import (
     write_json,
 )
 from bench._runs import (
-    RecordMismatch,
-    check_teacher_record,
     ensure_run,
     is_finished,
     provenance_note,
+    ready_teacher,
     run_dir,
     run_scores,
     student_spec,
     teacher_spec,
 )
+from pcd_core.spec import RunSpec
 
 DEFAULT_STUDENTS = ["deeplabv3_resnet18", "deeplabv3_mobilenet_v2"]
 DEFAULT_METHODS = ["none", "kd", "cwd", "pcd"]
@@ -83,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def planned_spec(args: argparse.Namespace, scale: Scale, student: str, method: str, seed: int,
+                 t_arch: str, t_dir: Path) -> RunSpec:
+    """The spec of one (student, method, seed) of the plan: what main trains and collect
+    scores, built in one place so that the two always name the same directory."""
+    return student_spec(scale, student, method, seed, t_arch, t_dir,
+                        name=run_name(args, student, method, seed))
+
+
 def run_name(args: argparse.Namespace, student: str, method: str, seed: int) -> str | None:
     """None (bench/_runs' default name) at the scale's budget; with ``--student-iterations``
     the budget is in the name, so a longer run's directory says what it is."""
@@ -116,20 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     t_spec = teacher_spec(scale, t_arch)
     t_dir = run_dir(args.runs_dir, scale, t_spec)
     walls: dict[str, float] = {}
-    if not args.table_only:
-        ensure_run(t_spec, t_dir)
-    if args.recorded:
-        try:  # before any record stands in for a run
-            check_teacher_record(t_dir, scale)
-        except RecordMismatch as e:
-            print(f"[bench] {e}", file=sys.stderr, flush=True)
-            return 2
+    if not ready_teacher(t_spec, t_dir, scale, train=not args.table_only,
+                         recorded=args.recorded):
+        return 2
     if not args.table_only:
         if args.teacher_only:
             return report(args, scale, t_dir, t_arch)
         for student, method, seed in plan(args):
-            spec = student_spec(scale, student, method, seed, t_arch, t_dir,
-                                name=run_name(args, student, method, seed))
+            spec = planned_spec(args, scale, student, method, seed, t_arch, t_dir)
             d = run_dir(args.runs_dir, scale, spec)
             if not fits_deadline(args.deadline, d, spec, walls.get(method)):
                 continue
@@ -160,8 +162,7 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> d
     """Scores of every finished run of the plan (unfinished ones are simply absent)."""
     runs: list[dict[str, Any]] = []
     for student, method, seed in plan(args):
-        spec = student_spec(scale, student, method, seed, t_arch, t_dir,
-                                name=run_name(args, student, method, seed))
+        spec = planned_spec(args, scale, student, method, seed, t_arch, t_dir)
         d = run_dir(args.runs_dir, scale, spec)
         scores = run_scores(d, scale, recorded=args.recorded)
         if scores is not None:
