@@ -66,12 +66,22 @@ def upload_checkpoint(ctx: RunContext, iteration: int, path: Path) -> None:
 
 
 def fetch_resume_checkpoint(ctx: RunContext) -> Path | None:
-    """The row's last checkpoint, downloaded, when this attempt continues an earlier one."""
+    """The row's last checkpoint, downloaded, when this attempt continues an earlier one.
+
+    A checkpoint the row names but the store no longer holds (removed by hand, or by an
+    attempt that finished the job and lost its row before saying so) costs the iterations
+    it stood for, not the job: the attempt starts from iteration 0 and says so in the log.
+    """
     uri, iteration = ctx.snap.checkpoint_uri, ctx.snap.checkpoint_iteration
     if not uri:
         return None
     dest = ctx.work_dir / "resume.pt"
-    ctx.store.get_file(ctx.store.key_from_uri(uri), dest)
+    try:
+        ctx.store.get_file(ctx.store.key_from_uri(uri), dest)
+    except storage.ObjectNotFound:
+        ctx.row.log("warning", f"attempt {ctx.snap.attempt}: the checkpoint at iteration "
+                               f"{iteration} ({uri}) is gone; starting from iteration 0")
+        return None
     ctx.row.log("info", f"attempt {ctx.snap.attempt}: resuming from checkpoint at iteration "
                         f"{iteration}")
     return dest
@@ -98,9 +108,14 @@ def upload_artifacts(ctx: RunContext, out_dir: Path) -> list[str]:
 
 
 def cleanup(ctx: RunContext, *, keep_checkpoints: bool) -> None:
-    """Remove the local run directory and (at the job's end) its stored checkpoints."""
+    """Remove the local run directory and (at the job's end) its stored checkpoints.
+
+    Called before the row records the job's end, so that a client who sees ``succeeded`` or
+    ``cancelled`` sees the final storage too. Skipped for checkpoints once this worker has
+    lost the job: they may be what the attempt that now owns it resumes from.
+    """
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    if not keep_checkpoints:
+    if not keep_checkpoints and not ctx.progress.stop_flag.is_set():
         try:
             ctx.store.delete_prefix(checkpoints_prefix(ctx.snap.job_id))
         except Exception:  # cleanup must not turn a success into a failure

@@ -134,9 +134,9 @@ def _run(ctx: RunContext) -> str:
     ctx.progress.set_phase("uploading")
     outputs.upload_artifacts(ctx, out_dir)
     ctx.progress.finish()  # phase ``done``, iteration = max_iterations, no ETA left
+    outputs.cleanup(ctx, keep_checkpoints=False)  # before the status: see cleanup
     ctx.row.finish("succeeded")
     ctx.row.log("info", "succeeded")
-    outputs.cleanup(ctx, keep_checkpoints=False)
     return "succeeded"
 
 
@@ -147,8 +147,8 @@ def _cancelled(ctx: RunContext, message: str) -> str:
         ctx.row.log("warning", "run stopped: job no longer owned by this worker")
         return "lost"
     ctx.row.log("info", message)
-    ctx.row.finish("cancelled", message=message)
     outputs.cleanup(ctx, keep_checkpoints=False)
+    ctx.row.finish("cancelled", message=message)
     return "cancelled"
 
 

@@ -285,3 +285,86 @@ def test_cancel_after_the_run_but_before_upload_wins(
     assert job.status == "cancelled"
     with world.session() as s:
         assert service.list_artifacts(s, job) == []
+
+
+def test_checkpoints_are_gone_before_the_row_says_succeeded(
+        world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that polls until ``succeeded`` and then lists the store must find no
+    checkpoints: they are deleted before the final status is written, not after."""
+    from worker.jobrow import JobRow
+
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=4,
+                                    checkpoint_every=2))
+    prefix = outputs.checkpoints_prefix(job_id)
+    seen_at_finish: list[list[str]] = []
+    real_finish = JobRow.finish
+
+    def finish_and_look(self: JobRow, status: str, message: str | None = None) -> None:
+        seen_at_finish.append([o.key for o in world.store.list(prefix)])
+        real_finish(self, status, message)
+
+    seen_at_upload: list[str] = []
+    real_upload = outputs.upload_checkpoint
+
+    def upload_and_look(ctx: Any, iteration: int, path: Path) -> None:
+        real_upload(ctx, iteration, path)
+        seen_at_upload.extend(o.key for o in world.store.list(prefix))
+
+    monkeypatch.setattr(JobRow, "finish", finish_and_look)
+    monkeypatch.setattr(outputs, "upload_checkpoint", upload_and_look)
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "succeeded"
+    assert seen_at_upload, "the run uploaded no checkpoint: the check below would be vacuous"
+    assert seen_at_finish == [[]]
+    assert world.store.list(prefix) == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_gone_from_the_store_restarts_the_attempt_from_zero(
+        world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=6))
+    real_upload = outputs.upload_checkpoint
+
+    def crash_after_second_checkpoint(ctx: Any, iteration: int, path: Path) -> None:
+        real_upload(ctx, iteration, path)
+        if iteration == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "upload_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        execute_job(job_id, settings=world.settings, worker_id="dead")
+    monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+    job = world.job(job_id)
+    assert job.checkpoint_iteration == 4 and job.checkpoint_uri
+    assert world.store.delete_prefix(outputs.checkpoints_prefix(job_id)) == 1
+
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    [reaped] = reap_once(world.settings, enqueue=lambda *a: None)
+    assert reaped.outcome == "requeued"
+    assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded", \
+        world.logs(job_id)
+    logs = world.logs(job_id)
+    assert "the checkpoint at iteration 4" in logs and "starting from iteration 0" in logs
+    assert "resuming from checkpoint" not in logs
+    assert world.job(job_id).iteration == 6
+
+
+def test_cleanup_keeps_checkpoints_of_a_job_this_worker_lost(world, tmp_path: Path) -> None:
+    """After losing the job to another worker, its checkpoints are the new owner's resume
+    point: only the local directory goes."""
+    from types import SimpleNamespace
+
+    prefix = outputs.checkpoints_prefix("job-x")
+    blob = tmp_path / "ckpt.pt"
+    blob.write_bytes(b"weights")
+    world.store.put_file(f"{prefix}ckpt-000000002.pt", blob)
+    for lost, left in ((True, 1), (False, 0)):
+        work = tmp_path / f"work-{lost}"
+        work.mkdir()
+        ctx = SimpleNamespace(work_dir=work, store=world.store, snap=SimpleNamespace(
+            job_id="job-x"), progress=SimpleNamespace(stop_flag=threading.Event()))
+        if lost:
+            ctx.progress.stop_flag.set()
+        outputs.cleanup(ctx, keep_checkpoints=False)  # type: ignore[arg-type]
+        assert not work.exists() and len(world.store.list(prefix)) == left
