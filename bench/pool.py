@@ -1,0 +1,163 @@
+"""Pool accuracy tables trained against different teachers: paired gains over (teacher, seed).
+
+    python bench/pool.py                      # every bench/results/accuracy_cpu*.json
+    python bench/pool.py A.json B.json --out bench/results/pooled_cpu.json
+
+Why: each machine kind trains its own teacher from the same spec (floating-point order
+differs between CPUs), and the same student defaults, seeds and budget gave PCD - KD +1.58
+with one teacher and -0.30 with another (bench/README.md). A claim about the method has to
+average over teachers as well as student seeds; this script is the one place that does it,
+so that every pooled number in the README has a command behind it.
+
+Rules, each there to keep a pair honest:
+
+- A run counts only if its spec hash is the one the current code plans for its
+  (student, method, seed) at the file's scale. Runs of an older default (PCD before
+  2026-12-01, say) are left out and counted in the output, never mixed in.
+- A teacher is identified by its val mIoU, an exact float: two files whose teachers score
+  the same share a teacher (a re-printed table), and a run seen in both must carry the same
+  score there, else the files disagree and the script stops.
+- A gain is ``method - baseline`` on the same teacher and student seed; the mean is over
+  those pairs, the standard error is their standard deviation over sqrt(pairs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import accuracy
+from bench._common import TEACHERS, markdown_table, write_json
+from bench._runs import run_dir, teacher_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+COMPARISONS = [("pcd", "none"), ("pcd", "kd"), ("pcd", "cwd"), ("kd", "none"), ("cwd", "none")]
+
+# (teacher mIoU, student, method, seed) -> the run's record
+Runs = dict[tuple[float, str, str, int], dict[str, Any]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="*", type=Path,
+                   help="accuracy JSONs (default: bench/results/accuracy_<scale>*.json)")
+    p.add_argument("--scale", default="cpu", help="only files of this scale")
+    p.add_argument("--out", type=Path, help="default bench/results/pooled_<scale>.json")
+    return p.parse_args(argv)
+
+
+def current_hashes(scale_name: str, runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
+    """The spec hash the current code would train for each (student, method, seed) named."""
+    args = accuracy.parse_args(["--scale", scale_name])
+    scale = accuracy.scale_of(args)
+    t_arch = TEACHERS[scale_name]
+    t_dir = run_dir(args.runs_dir, scale, teacher_spec(scale, t_arch))
+    keys = {(r["student"], r["method"], r["seed"]) for r in runs}
+    return {k: accuracy.planned_spec(args, scale, *k, t_arch, t_dir).spec_hash() for k in keys}
+
+
+def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str
+              ) -> tuple[Runs, dict[str, int], dict[float, list[str]]]:
+    """Runs of the current specs, keyed by teacher; how many of each file were left out;
+    which files each teacher came from."""
+    runs: Runs = {}
+    left_out: dict[str, int] = {}
+    sources: dict[float, list[str]] = defaultdict(list)
+    for name, doc in docs:
+        if doc.get("scale") != scale_name or not doc.get("teacher"):
+            continue
+        teacher = float(doc["teacher"]["miou"])
+        sources[teacher].append(name)
+        wanted = current_hashes(scale_name, doc["runs"])
+        left_out[name] = 0
+        for r in doc["runs"]:
+            key = (r["student"], r["method"], r["seed"])
+            if r.get("spec_hash") != wanted[key]:
+                left_out[name] += 1
+                continue
+            seen = runs.setdefault((teacher, *key), r)
+            if seen["miou"] != r["miou"]:
+                raise SystemExit(f"{name}: {key} with teacher {teacher} scores {r['miou']}, "
+                                 f"another file says {seen['miou']}: the files disagree")
+    return runs, left_out, dict(sources)
+
+
+def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str
+                ) -> dict[str, Any] | None:
+    """``method - base`` over every (teacher, seed) that has both, in mIoU points."""
+    diffs: dict[tuple[float, int], float] = {}
+    for (teacher, s, m, seed), r in runs.items():
+        other = runs.get((teacher, s, base, seed))
+        if s == student and m == method and other is not None:
+            diffs[(teacher, seed)] = 100 * (r[metric] - other[metric])
+    if not diffs:
+        return None
+    values = list(diffs.values())
+    n = len(values)
+    per_teacher: dict[float, list[float]] = defaultdict(list)
+    for (teacher, _), v in diffs.items():
+        per_teacher[teacher].append(v)
+    return {
+        "student": student, "method": method, "baseline": base, "metric": metric,
+        "pairs": n, "teachers": len(per_teacher), "mean": statistics.fmean(values),
+        "se": statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan"),
+        "ahead": sum(v > 0 for v in values),
+        "per_teacher": [{"teacher_miou": t, "pairs": len(vs), "mean": statistics.fmean(vs)}
+                        for t, vs in sorted(per_teacher.items())],
+        "by_pair": [{"teacher_miou": t, "seed": seed, "gain": v}
+                    for (t, seed), v in sorted(diffs.items())],
+    }
+
+
+def display_name(path: Path) -> str:
+    """A results file as the README names it: relative to the checkout when inside it."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
+def render(gains: list[dict[str, Any]]) -> str:
+    label = accuracy.LABEL
+    rows = [[g["student"], f"{label[g['method']]} - {label[g['baseline']]}", g["metric"],
+             g["pairs"], g["teachers"], f"{g['mean']:+.2f}", f"{g['se']:.2f}",
+             f"{g['ahead']}/{g['pairs']}",
+             ", ".join(f"{100 * t['teacher_miou']:.2f}: {t['mean']:+.2f} ({t['pairs']})"
+                       for t in g["per_teacher"])]
+            for g in gains]
+    return markdown_table(["student", "gain", "metric", "pairs", "teachers", "mean", "s.e.",
+                           "ahead", "per teacher (teacher mIoU: mean (pairs))"], rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
+    docs = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
+    runs, left_out, sources = load_runs(docs, args.scale)
+    students = list(dict.fromkeys(k[1] for k in runs))
+    gains = [g for student in students for method, base in COMPARISONS
+             for metric in ("miou", "thin_miou")
+             if (g := pooled_gain(runs, student, method, base, metric)) is not None]
+    print(render(gains))
+    for name, n in left_out.items():
+        if n:
+            print(f"\n{name}: {n} runs of other specs (older defaults) left out")
+    doc = {"scale": args.scale, "command": " ".join(["python bench/pool.py", *sys.argv[1:]]),
+           "files": [name for name, _ in docs], "teachers": sources, "left_out": left_out,
+           "gains": gains}
+    out = args.out or RESULTS / f"pooled_{args.scale}.json"
+    write_json(out, doc)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

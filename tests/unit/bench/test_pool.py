@@ -1,0 +1,72 @@
+"""bench/pool.py: gains pooled over (teacher, seed) pairs, never across specs or teachers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import pool
+
+STUDENT = "deeplabv3_resnet18"
+
+
+def run(method: str, seed: int, miou: float, spec_hash: str | None = None) -> dict[str, Any]:
+    wanted = pool.current_hashes("cpu", [{"student": STUDENT, "method": method, "seed": seed}])
+    return {"student": STUDENT, "method": method, "seed": seed, "miou": miou,
+            "thin_miou": miou / 10, "spec_hash": spec_hash or wanted[(STUDENT, method, seed)]}
+
+
+def doc(teacher: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"scale": "cpu", "teacher": {"miou": teacher}, "runs": runs}
+
+
+def test_pairs_are_within_a_teacher_and_a_seed() -> None:
+    docs = [("a.json", doc(0.46, [run("none", 0, 0.30), run("pcd", 0, 0.33),
+                                  run("none", 1, 0.28), run("pcd", 1, 0.29)])),
+            ("b.json", doc(0.47, [run("none", 0, 0.40), run("pcd", 0, 0.45),
+                                  run("pcd", 1, 0.99)]))]  # no CE for seed 1: unpaired
+    runs, left_out, sources = pool.load_runs(docs, "cpu")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    assert gain is not None
+    assert (gain["pairs"], gain["teachers"], gain["ahead"]) == (3, 2, 3)
+    assert gain["mean"] == pytest.approx((3 + 1 + 5) / 3)
+    assert gain["se"] == pytest.approx(2 / math.sqrt(3))  # stdev of 3, 1, 5 is 2
+    assert [t["mean"] for t in gain["per_teacher"]] == pytest.approx([2.0, 5.0])
+    assert left_out == {"a.json": 0, "b.json": 0} and sources == {0.46: ["a.json"],
+                                                                  0.47: ["b.json"]}
+    assert pool.pooled_gain(runs, STUDENT, "cwd", "none", "miou") is None
+
+
+def test_runs_of_another_spec_are_left_out_and_counted() -> None:
+    docs = [("a.json", doc(0.46, [run("none", 0, 0.30), run("pcd", 0, 0.33),
+                                  run("pcd", 1, 0.50, spec_hash="0" * 64),
+                                  run("none", 1, 0.28)]))]
+    runs, left_out, _ = pool.load_runs(docs, "cpu")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    assert gain is not None and gain["pairs"] == 1 and left_out == {"a.json": 1}
+
+
+def test_a_table_printed_twice_counts_once_and_must_agree() -> None:
+    same = [run("none", 0, 0.30), run("pcd", 0, 0.33)]
+    runs, _, sources = pool.load_runs([("a.json", doc(0.46, same)),
+                                       ("b.json", doc(0.46, same))], "cpu")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    assert gain is not None and gain["pairs"] == 1 and sources == {0.46: ["a.json", "b.json"]}
+    with pytest.raises(SystemExit, match="disagree"):
+        pool.load_runs([("a.json", doc(0.46, same)),
+                        ("b.json", doc(0.46, [run("none", 0, 0.31)]))], "cpu")
+
+
+def test_main_writes_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    src = tmp_path / "accuracy_cpu_x.json"
+    src.write_text(json.dumps(doc(0.46, [run("none", 0, 0.30), run("kd", 0, 0.32)])))
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(src), "--out", str(out)]) == 0
+    assert "| deeplabv3_resnet18 | KD - CE | miou | 1 | 1 | +2.00 |" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert [g["mean"] for g in written["gains"] if g["metric"] == "miou"] == pytest.approx([2.0])
