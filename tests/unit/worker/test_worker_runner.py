@@ -119,21 +119,28 @@ def test_cancel_flag_ends_cancelled(world, dataset_dir, make_spec) -> None:
     assert job.status == "cancelled" and 2 <= job.iteration < 100_000
 
 
+def die_after_checkpoint(world: Any, job_id: str, at: int,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``job_id`` on worker "dead" until the checkpoint of iteration ``at`` is uploaded
+    and recorded, then die like a kill: a BaseException, so nothing else is recorded."""
+    real_upload = outputs.upload_checkpoint
+
+    def crash_after(ctx: Any, iteration: int, path: Path) -> None:
+        real_upload(ctx, iteration, path)
+        if iteration == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "upload_checkpoint", crash_after)
+    with pytest.raises(KeyboardInterrupt):
+        execute_job(job_id, settings=world.settings, worker_id="dead")
+    monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+
+
 @pytest.mark.slow
 def test_lost_worker_is_requeued_and_resumes_from_checkpoint(
         world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=6))
-    real_upload = outputs.upload_checkpoint
-
-    def crash_after_second_checkpoint(ctx: Any, iteration: int, path: Path) -> None:
-        real_upload(ctx, iteration, path)
-        if iteration == 4:
-            raise KeyboardInterrupt  # a BaseException: like a kill, nothing is recorded
-
-    monkeypatch.setattr(outputs, "upload_checkpoint", crash_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        execute_job(job_id, settings=world.settings, worker_id="dead")
-    monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+    die_after_checkpoint(world, job_id, 4, monkeypatch)
     assert world.job(job_id).status == "running"
 
     # heartbeat fresh: the reaper leaves it alone; stale: re-queued and re-dispatched
@@ -324,17 +331,7 @@ def test_a_checkpoint_gone_from_the_store_restarts_the_attempt_from_zero(
     from datetime import datetime, timedelta, timezone
 
     job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=6))
-    real_upload = outputs.upload_checkpoint
-
-    def crash_after_second_checkpoint(ctx: Any, iteration: int, path: Path) -> None:
-        real_upload(ctx, iteration, path)
-        if iteration == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(outputs, "upload_checkpoint", crash_after_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        execute_job(job_id, settings=world.settings, worker_id="dead")
-    monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+    die_after_checkpoint(world, job_id, 4, monkeypatch)
     job = world.job(job_id)
     assert job.checkpoint_iteration == 4 and job.checkpoint_uri
     assert world.store.delete_prefix(outputs.checkpoints_prefix(job_id)) == 1
