@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             if not fits_deadline(args.deadline, d, spec, walls.get(method)):
                 continue
             done = ensure_run(spec, d, recorded=args.recorded)
-            walls[method] = done.get("wall_s") or walls.get(method)
+            if done.get("wall_s"):
+                walls[method] = float(done["wall_s"])
             report(args, scale, t_dir, t_arch)  # the JSON grows run by run
     return report(args, scale, t_dir, t_arch)
 

@@ -17,8 +17,10 @@ Rules, each there to keep a pair honest:
 - A teacher is identified by its val mIoU, an exact float: two files whose teachers score
   the same share a teacher (a re-printed table), and a run seen in both must carry the same
   score there, else the files disagree and the script stops.
-- A gain is ``method - baseline`` on the same teacher and student seed; the mean is over
-  those pairs, the standard error is their standard deviation over sqrt(pairs).
+- A gain is ``method - baseline`` on the same teacher, student budget and student seed; the
+  mean is over those pairs, the standard error is their standard deviation over
+  sqrt(pairs). Students trained for another number of iterations (``accuracy.py
+  --student-iterations``) are pooled on their own rows, never with the scale's budget.
 """
 
 from __future__ import annotations
@@ -35,15 +37,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import accuracy
-from bench._common import TEACHERS, markdown_table, write_json
+from bench._common import SCALES, TEACHERS, markdown_table, write_json
 from bench._runs import run_dir, teacher_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 COMPARISONS = [("pcd", "none"), ("pcd", "kd"), ("pcd", "cwd"), ("kd", "none"), ("cwd", "none")]
 
-# (teacher mIoU, student, method, seed) -> the run's record
-Runs = dict[tuple[float, str, str, int], dict[str, Any]]
+# (student iterations, teacher mIoU, student, method, seed) -> the run's record
+Runs = dict[tuple[int, float, str, str, int], dict[str, Any]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,9 +58,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def current_hashes(scale_name: str, runs: list[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
-    """The spec hash the current code would train for each (student, method, seed) named."""
-    args = accuracy.parse_args(["--scale", scale_name])
+def student_iterations(doc: dict[str, Any]) -> int:
+    """The student budget a results file was trained with (files written before the JSON
+    kept ``scale_config`` ran the scale's budget)."""
+    default = SCALES[doc["scale"]].student_iterations
+    return int(doc.get("scale_config", {}).get("student_iterations", default))
+
+
+def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int | None = None
+                   ) -> dict[tuple[str, str, int], str]:
+    """The spec hash the current code would train for each (student, method, seed) named, at
+    ``iterations`` student iterations (default: the scale's budget)."""
+    budget = [] if iterations in (None, SCALES[scale_name].student_iterations) \
+        else ["--student-iterations", str(iterations)]
+    args = accuracy.parse_args(["--scale", scale_name, *budget])
     scale = accuracy.scale_of(args)
     t_arch = TEACHERS[scale_name]
     t_dir = run_dir(args.runs_dir, scale, teacher_spec(scale, t_arch))
@@ -78,27 +91,29 @@ def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str
             continue
         teacher = float(doc["teacher"]["miou"])
         sources[teacher].append(name)
-        wanted = current_hashes(scale_name, doc["runs"])
+        iterations = student_iterations(doc)
+        wanted = current_hashes(scale_name, doc["runs"], iterations)
         left_out[name] = 0
         for r in doc["runs"]:
             key = (r["student"], r["method"], r["seed"])
             if r.get("spec_hash") != wanted[key]:
                 left_out[name] += 1
                 continue
-            seen = runs.setdefault((teacher, *key), r)
+            seen = runs.setdefault((iterations, teacher, *key), r)
             if seen["miou"] != r["miou"]:
                 raise SystemExit(f"{name}: {key} with teacher {teacher} scores {r['miou']}, "
                                  f"another file says {seen['miou']}: the files disagree")
     return runs, left_out, dict(sources)
 
 
-def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str
-                ) -> dict[str, Any] | None:
-    """``method - base`` over every (teacher, seed) that has both, in mIoU points."""
+def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
+                iterations: int) -> dict[str, Any] | None:
+    """``method - base`` over every (teacher, seed) that has both at ``iterations`` student
+    iterations, in mIoU points."""
     diffs: dict[tuple[float, int], float] = {}
-    for (teacher, s, m, seed), r in runs.items():
-        other = runs.get((teacher, s, base, seed))
-        if s == student and m == method and other is not None:
+    for (its, teacher, s, m, seed), r in runs.items():
+        other = runs.get((its, teacher, s, base, seed))
+        if its == iterations and s == student and m == method and other is not None:
             diffs[(teacher, seed)] = 100 * (r[metric] - other[metric])
     if not diffs:
         return None
@@ -108,8 +123,9 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str
     for (teacher, _), v in diffs.items():
         per_teacher[teacher].append(v)
     return {
-        "student": student, "method": method, "baseline": base, "metric": metric,
-        "pairs": n, "teachers": len(per_teacher), "mean": statistics.fmean(values),
+        "student": student, "student_iterations": iterations, "method": method,
+        "baseline": base, "metric": metric, "pairs": n, "teachers": len(per_teacher),
+        "mean": statistics.fmean(values),
         "se": statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan"),
         "ahead": sum(v > 0 for v in values),
         "per_teacher": [{"teacher_miou": t, "pairs": len(vs), "mean": statistics.fmean(vs)}
@@ -127,14 +143,16 @@ def display_name(path: Path) -> str:
 
 def render(gains: list[dict[str, Any]]) -> str:
     label = accuracy.LABEL
-    rows = [[g["student"], f"{label[g['method']]} - {label[g['baseline']]}", g["metric"],
+    rows = [[g["student"], g["student_iterations"],
+             f"{label[g['method']]} - {label[g['baseline']]}", g["metric"],
              g["pairs"], g["teachers"], f"{g['mean']:+.2f}", f"{g['se']:.2f}",
              f"{g['ahead']}/{g['pairs']}",
              ", ".join(f"{100 * t['teacher_miou']:.2f}: {t['mean']:+.2f} ({t['pairs']})"
                        for t in g["per_teacher"])]
             for g in gains]
-    return markdown_table(["student", "gain", "metric", "pairs", "teachers", "mean", "s.e.",
-                           "ahead", "per teacher (teacher mIoU: mean (pairs))"], rows)
+    return markdown_table(["student", "iterations", "gain", "metric", "pairs", "teachers",
+                           "mean", "s.e.", "ahead",
+                           "per teacher (teacher mIoU: mean (pairs))"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
     docs = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
     runs, left_out, sources = load_runs(docs, args.scale)
-    students = list(dict.fromkeys(k[1] for k in runs))
-    gains = [g for student in students for method, base in COMPARISONS
+    students = list(dict.fromkeys(k[2] for k in runs))
+    groups = sorted({(k[2], k[0]) for k in runs}, key=lambda g: (students.index(g[0]), g[1]))
+    gains = [g for student, its in groups for method, base in COMPARISONS
              for metric in ("miou", "thin_miou")
-             if (g := pooled_gain(runs, student, method, base, metric)) is not None]
+             if (g := pooled_gain(runs, student, method, base, metric, its)) is not None]
     print(render(gains))
     for name, n in left_out.items():
         if n:

@@ -14,14 +14,20 @@ from bench import pool
 STUDENT = "deeplabv3_resnet18"
 
 
-def run(method: str, seed: int, miou: float, spec_hash: str | None = None) -> dict[str, Any]:
-    wanted = pool.current_hashes("cpu", [{"student": STUDENT, "method": method, "seed": seed}])
+def run(method: str, seed: int, miou: float, spec_hash: str | None = None,
+        iterations: int | None = None) -> dict[str, Any]:
+    wanted = pool.current_hashes("cpu", [{"student": STUDENT, "method": method, "seed": seed}],
+                                 iterations)
     return {"student": STUDENT, "method": method, "seed": seed, "miou": miou,
             "thin_miou": miou / 10, "spec_hash": spec_hash or wanted[(STUDENT, method, seed)]}
 
 
-def doc(teacher: float, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"scale": "cpu", "teacher": {"miou": teacher}, "runs": runs}
+def doc(teacher: float, runs: list[dict[str, Any]], iterations: int | None = None
+        ) -> dict[str, Any]:
+    d: dict[str, Any] = {"scale": "cpu", "teacher": {"miou": teacher}, "runs": runs}
+    if iterations is not None:
+        d["scale_config"] = {"student_iterations": iterations}
+    return d
 
 
 def test_pairs_are_within_a_teacher_and_a_seed() -> None:
@@ -30,7 +36,7 @@ def test_pairs_are_within_a_teacher_and_a_seed() -> None:
             ("b.json", doc(0.47, [run("none", 0, 0.40), run("pcd", 0, 0.45),
                                   run("pcd", 1, 0.99)]))]  # no CE for seed 1: unpaired
     runs, left_out, sources = pool.load_runs(docs, "cpu")
-    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
     assert gain is not None
     assert (gain["pairs"], gain["teachers"], gain["ahead"]) == (3, 2, 3)
     assert gain["mean"] == pytest.approx((3 + 1 + 5) / 3)
@@ -38,7 +44,7 @@ def test_pairs_are_within_a_teacher_and_a_seed() -> None:
     assert [t["mean"] for t in gain["per_teacher"]] == pytest.approx([2.0, 5.0])
     assert left_out == {"a.json": 0, "b.json": 0} and sources == {0.46: ["a.json"],
                                                                   0.47: ["b.json"]}
-    assert pool.pooled_gain(runs, STUDENT, "cwd", "none", "miou") is None
+    assert pool.pooled_gain(runs, STUDENT, "cwd", "none", "miou", 400) is None
 
 
 def test_runs_of_another_spec_are_left_out_and_counted() -> None:
@@ -46,15 +52,31 @@ def test_runs_of_another_spec_are_left_out_and_counted() -> None:
                                   run("pcd", 1, 0.50, spec_hash="0" * 64),
                                   run("none", 1, 0.28)]))]
     runs, left_out, _ = pool.load_runs(docs, "cpu")
-    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
     assert gain is not None and gain["pairs"] == 1 and left_out == {"a.json": 1}
+
+
+def test_a_longer_student_budget_pools_on_its_own_rows() -> None:
+    long = [run("none", 0, 0.35, iterations=800), run("pcd", 0, 0.40, iterations=800)]
+    assert long[0]["spec_hash"] != run("none", 0, 0.35)["spec_hash"]
+    docs = [("a.json", doc(0.46, [run("none", 0, 0.30), run("pcd", 0, 0.31)])),
+            ("b.json", doc(0.46, long, iterations=800)),
+            # 400-iteration hashes in an 800-iteration file are another spec: left out
+            ("c.json", doc(0.46, [run("none", 1, 0.30)], iterations=800))]
+    runs, left_out, _ = pool.load_runs(docs, "cpu")
+    short = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
+    longer = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 800)
+    assert short is not None and longer is not None
+    assert (short["pairs"], short["mean"]) == (1, pytest.approx(1.0))
+    assert (longer["pairs"], longer["mean"]) == (1, pytest.approx(5.0))
+    assert left_out == {"a.json": 0, "b.json": 0, "c.json": 1}
 
 
 def test_a_table_printed_twice_counts_once_and_must_agree() -> None:
     same = [run("none", 0, 0.30), run("pcd", 0, 0.33)]
     runs, _, sources = pool.load_runs([("a.json", doc(0.46, same)),
                                        ("b.json", doc(0.46, same))], "cpu")
-    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
     assert gain is not None and gain["pairs"] == 1 and sources == {0.46: ["a.json", "b.json"]}
     with pytest.raises(SystemExit, match="disagree"):
         pool.load_runs([("a.json", doc(0.46, same)),
@@ -67,6 +89,7 @@ def test_main_writes_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFi
     src.write_text(json.dumps(doc(0.46, [run("none", 0, 0.30), run("kd", 0, 0.32)])))
     out = tmp_path / "pooled.json"
     assert pool.main([str(src), "--out", str(out)]) == 0
-    assert "| deeplabv3_resnet18 | KD - CE | miou | 1 | 1 | +2.00 |" in capsys.readouterr().out
+    row = "| deeplabv3_resnet18 | 400 | KD - CE | miou | 1 | 1 | +2.00 |"
+    assert row in capsys.readouterr().out
     written = json.loads(out.read_text())
     assert [g["mean"] for g in written["gains"] if g["metric"] == "miou"] == pytest.approx([2.0])
