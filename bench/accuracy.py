@@ -93,8 +93,9 @@ def planned_spec(args: argparse.Namespace, scale: Scale, student: str, method: s
 
 def run_name(args: argparse.Namespace, student: str, method: str, seed: int) -> str | None:
     """None (bench/_runs' default name) at the scale's budget; with ``--student-iterations``
-    the budget is in the name, so a longer run's directory says what it is."""
-    if not args.student_iterations:
+    the budget is in the name, so a longer run's directory says what it is (asking for the
+    scale's own budget names, and so hashes, the run as the default does)."""
+    if args.student_iterations in (None, SCALES[args.scale].student_iterations):
         return None
     return f"{student}-{method}-s{seed}-it{args.student_iterations}"
 

@@ -69,8 +69,7 @@ def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int 
                    ) -> dict[tuple[str, str, int], str]:
     """The spec hash the current code would train for each (student, method, seed) named, at
     ``iterations`` student iterations (default: the scale's budget)."""
-    budget = [] if iterations in (None, SCALES[scale_name].student_iterations) \
-        else ["--student-iterations", str(iterations)]
+    budget = [] if iterations is None else ["--student-iterations", str(iterations)]
     args = accuracy.parse_args(["--scale", scale_name, *budget])
     scale = accuracy.scale_of(args)
     t_arch = TEACHERS[scale_name]

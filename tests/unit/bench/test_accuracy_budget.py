@@ -36,3 +36,8 @@ def test_a_longer_run_says_its_budget_in_its_name() -> None:
     assert run_name(parse_args([]), "deeplabv3_resnet18", "kd", 0) is None
     longer = parse_args(["--student-iterations", "800"])
     assert run_name(longer, "deeplabv3_resnet18", "kd", 3) == "deeplabv3_resnet18-kd-s3-it800"
+
+
+def test_asking_for_the_scales_own_budget_is_the_default_run() -> None:
+    same = parse_args(["--student-iterations", "400"])
+    assert run_name(same, "deeplabv3_resnet18", "kd", 3) is None
