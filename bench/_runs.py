@@ -263,7 +263,8 @@ def this_machines_records() -> dict[str, dict[str, Any]]:
 def recorded_runs(cpu: str | None, results: Path | None = None,
                   signature: str | None = None) -> dict[str, dict[str, Any]]:
     """Per-run records by run directory, from every ``results/*.json`` measured on ``cpu``
-    (and, when both the file and the caller name one, on the same ``signature``).
+    (and, when both the file and the caller name one, on the same ``signature``; files
+    without one only while no file names the caller's).
 
     A record is a run's scores as ``score_dir`` wrote them (plus ``dir`` and ``wall_s``),
     found in an accuracy JSON (``teacher``, ``runs``) or an ablation JSON (``rows[].runs``).
@@ -273,12 +274,18 @@ def recorded_runs(cpu: str | None, results: Path | None = None,
     found: dict[str, dict[str, Any]] = {}
     if cpu is None:
         return found
+    files: list[tuple[Path, dict[str, Any], str | None]] = []
     for path in sorted((results or RESULTS).glob("*.json")):
         doc = json.loads(path.read_text())
         machine = (doc.get("machine") or {}) if isinstance(doc, dict) else {}
-        if not machine or machine.get("cpu_model") != cpu:
-            continue
-        if signature and machine.get("cpu_signature") not in (None, signature):
+        if machine and machine.get("cpu_model") == cpu:
+            files.append((path, doc, machine.get("cpu_signature")))
+    # Files that name this signature are this kind's; unsigned ones (written before
+    # signatures were recorded) may be another kind sold under the same model name, so they
+    # are used only while no file of this signature exists.
+    signed_here = bool(signature) and any(sig == signature for _, _, sig in files)
+    for path, doc, sig in files:
+        if signature and sig != signature and (sig is not None or signed_here):
             continue
         for rec in _run_records(doc):
             found.setdefault(rec["dir"], {"recorded_in": path.name, **rec})

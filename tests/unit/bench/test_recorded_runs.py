@@ -108,6 +108,19 @@ def test_a_file_of_another_cpu_signature_is_skipped(results: Path) -> None:
     assert "runs/signed-s0" in runs.recorded_runs(XEON)  # no signature known here: by model
 
 
+def test_once_a_file_names_this_signature_unsigned_files_are_left_out(results: Path) -> None:
+    # the unsigned "AMD EPYC" files of 2026-11-25 came from another teacher than the signed
+    # family 25 model 17 file: once this kind has its own file, only that one stands in
+    sig = "family 25 model 17 stepping 1"
+    assert sorted(runs.recorded_runs(EPYC, signature=sig)) == ["runs/ce-s1"]  # none signed yet
+    (results / "g_signed.json").write_text(json.dumps({
+        "machine": {"cpu_model": EPYC, "cpu_signature": sig},
+        "runs": [_rec("runs/epyc-s0", 0.29)]}))
+    runs.recorded_runs.cache_clear()
+    assert sorted(runs.recorded_runs(EPYC, signature=sig)) == ["runs/epyc-s0"]
+    assert sorted(runs.recorded_runs(EPYC)) == ["runs/ce-s1", "runs/epyc-s0"]  # by model
+
+
 def _teacher_here(out: Path, miou: float) -> None:
     out.mkdir(parents=True)
     (out / "metrics.json").write_text(json.dumps({"wall_s": 5.0}))
