@@ -11,9 +11,10 @@ that ``python -m pcd_core eval --model DIR`` can score on any split.
 ``bench/results/`` holds for a run directory this machine no longer has. CPU training here is
 bit-for-bit reproducible per CPU kind (bench/README.md), so a record is only taken from a
 file whose ``machine.cpu_model`` is this machine's (and whose ``cpu_signature``, where the
-file has one, too), and every use of one is marked with the file it came from
-(``recorded_in``). That lets a session that has lost ``runs/`` add seeds or variants without
-spending an hour re-training baselines whose numbers are already known. A model name can
+file has one, too; unsigned files only until a file of this signature exists), and every
+use of one is marked with the file it came from (``recorded_in``). That lets a session that
+has lost ``runs/`` add seeds or variants without spending an hour re-training baselines
+whose numbers are already known. A model name can
 still cover machines that do not reproduce each other (files written before the signature
 was recorded), so the scripts also check the teacher (:func:`check_teacher_record`): every
 distilled student depends on it, and a teacher retrained here that does not score its
@@ -280,13 +281,14 @@ def recorded_runs(cpu: str | None, results: Path | None = None,
         machine = (doc.get("machine") or {}) if isinstance(doc, dict) else {}
         if machine and machine.get("cpu_model") == cpu:
             files.append((path, doc, machine.get("cpu_signature")))
-    # Files that name this signature are this kind's; unsigned ones (written before
-    # signatures were recorded) may be another kind sold under the same model name, so they
-    # are used only while no file of this signature exists.
-    signed_here = bool(signature) and any(sig == signature for _, _, sig in files)
-    for path, doc, sig in files:
-        if signature and sig != signature and (sig is not None or signed_here):
-            continue
+    if signature:
+        # Files that name this signature are this kind's; unsigned ones (written before
+        # signatures were recorded) may be another kind sold under the same model name, so
+        # they stand in only while no file of this signature exists.
+        signed_here = any(sig == signature for _, _, sig in files)
+        wanted = {signature} if signed_here else {signature, None}
+        files = [f for f in files if f[2] in wanted]
+    for path, doc, _sig in files:
         for rec in _run_records(doc):
             found.setdefault(rec["dir"], {"recorded_in": path.name, **rec})
     return found
