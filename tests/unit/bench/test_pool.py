@@ -72,6 +72,25 @@ def test_a_longer_student_budget_pools_on_its_own_rows() -> None:
     assert left_out == {"a.json": 0, "b.json": 0, "c.json": 1}
 
 
+def test_the_gain_without_tree_skips_tree_and_runs_without_per_class_scores() -> None:
+    tree = pool.TREE
+
+    def per_class(rest: float, tree_iou: float) -> list[float]:
+        return [tree_iou if i == tree else rest for i in range(11)]
+
+    ce, pcd = run("none", 0, 0.30), run("pcd", 0, 0.36)
+    ce["per_class_iou"], pcd["per_class_iou"] = per_class(0.30, 0.0), per_class(0.31, 0.60)
+    # seed 1 has no per-class scores: it pairs on mIoU, not on the mean without tree
+    docs = [("a.json", doc(0.46, [ce, pcd, run("none", 1, 0.28), run("pcd", 1, 0.30)]))]
+    runs, _, _ = pool.load_runs(docs, "cpu")
+    whole = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
+    rest = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou_without_tree", 400)
+    assert whole is not None and rest is not None
+    assert whole["pairs"] == 2 and rest["pairs"] == 1
+    assert rest["mean"] == pytest.approx(1.0)  # tree's 0 -> 60 is gone; the other ten +1 each
+    assert pool.metric_value(run("pcd", 0, 0.3), "miou_without_tree") is None
+
+
 def test_a_table_printed_twice_counts_once_and_must_agree() -> None:
     same = [run("none", 0, 0.30), run("pcd", 0, 0.33)]
     runs, _, sources = pool.load_runs([("a.json", doc(0.46, same)),
