@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 COMPARISONS = [("pcd", "none"), ("pcd", "kd"), ("pcd", "cwd"), ("kd", "none"), ("cwd", "none")]
 METRICS = ("miou", "thin_miou", "miou_without_tree")
-# At the cpu scale tree is the class a student learns or misses by chance: over the committed
-# ResNet-18 runs its IoU spans about 1 to 80 within one method (CE 3.6-76.6, PCD 1.0-81.1), up
-# to 7 mIoU points on its own, and correlates 0.93 with mIoU (bench/README.md). The mean over
-# the other ten classes tells a method's lead from that toss.
+# At the cpu scale tree is the class a student learns or misses by chance: its IoU spans about
+# 1 to 80 within one method, up to 7 mIoU points on its own (bench/README.md, "A fifth machine
+# kind", has the measured spread). The mean over the other ten classes tells a method's lead
+# from that toss.
 TREE = CAMVID_CLASSES.index("tree")
 
 # (student iterations, teacher mIoU, student, method, seed) -> the run's record
