@@ -2,6 +2,7 @@
 
     python bench/pool.py                      # every bench/results/accuracy_cpu*.json
     python bench/pool.py A.json B.json --out bench/results/pooled_cpu.json
+    python bench/pool.py --per-class          # also each class's IoU gain, pooled the same way
 
 Why: each machine kind trains its own teacher from the same spec (floating-point order
 differs between CPUs), and the same student defaults, seeds and budget gave PCD - KD +1.58
@@ -49,6 +50,8 @@ METRICS = ("miou", "thin_miou", "miou_without_tree")
 # kind", has the measured spread). The mean over the other ten classes tells a method's lead
 # from that toss.
 TREE = CAMVID_CLASSES.index("tree")
+# ``--per-class``: one metric per class, the class's IoU (``iou_<class>``)
+CLASS_METRICS = tuple(f"iou_{name}" for name in CAMVID_CLASSES)
 
 # (student iterations, teacher mIoU, student, method, seed) -> the run's record
 Runs = dict[tuple[int, float, str, str, int], dict[str, Any]]
@@ -61,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accuracy JSONs (default: bench/results/accuracy_<scale>*.json)")
     p.add_argument("--scale", default="cpu", help="only files of this scale")
     p.add_argument("--out", type=Path, help="default bench/results/pooled_<scale>.json")
+    p.add_argument("--per-class", action="store_true",
+                   help="also pool each class's IoU and print a class-by-gain table (where "
+                        "a method's lead comes from)")
     return p.parse_args(argv)
 
 
@@ -112,13 +118,16 @@ def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str
 
 
 def metric_value(record: dict[str, Any], metric: str) -> float | None:
-    """A run's score on ``metric``: a recorded field, or the mean IoU without tree, derived
-    from ``per_class_iou`` (None for a record that has no per-class scores)."""
-    if metric != "miou_without_tree":
+    """A run's score on ``metric``: a recorded field, or one derived from ``per_class_iou``
+    (the mean IoU without tree, or one class's IoU ``iou_<class>``); None for a record that
+    has no per-class scores."""
+    if metric != "miou_without_tree" and metric not in CLASS_METRICS:
         return record.get(metric)
     per_class = record.get("per_class_iou")
     if not per_class:
         return None
+    if metric in CLASS_METRICS:
+        return float(per_class[CLASS_METRICS.index(metric)])
     return statistics.fmean(v for i, v in enumerate(per_class) if i != TREE)
 
 
@@ -174,6 +183,24 @@ def render(gains: list[dict[str, Any]]) -> str:
                            "per teacher (teacher mIoU: mean (pairs))"], rows)
 
 
+def render_per_class(gains: list[dict[str, Any]]) -> str:
+    """Classes down, (student, budget, gain) across: mean paired IoU gain (pairs ahead)."""
+    label = accuracy.LABEL
+    columns = list(dict.fromkeys((g["student"], g["student_iterations"], g["method"],
+                                  g["baseline"]) for g in gains))
+    cell = {(g["student"], g["student_iterations"], g["method"], g["baseline"], g["metric"]): g
+            for g in gains}
+    rows = []
+    for metric, name in zip(CLASS_METRICS, CAMVID_CLASSES, strict=True):
+        row: list[Any] = [name]
+        for col in columns:
+            g = cell.get((*col, metric))
+            row.append("" if g is None else f"{g['mean']:+.2f} ({g['ahead']}/{g['pairs']})")
+        rows.append(row)
+    headers = ["class"] + [f"{s} {its}: {label[m]} - {label[b]}" for s, its, m, b in columns]
+    return markdown_table(headers, rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
@@ -185,12 +212,22 @@ def main(argv: list[str] | None = None) -> int:
              for metric in METRICS
              if (g := pooled_gain(runs, student, method, base, metric, its)) is not None]
     print(render(gains))
+    per_class: list[dict[str, Any]] = []
+    if args.per_class:
+        per_class = [g for student, its in groups for method, base in COMPARISONS
+                     for metric in CLASS_METRICS
+                     if (g := pooled_gain(runs, student, method, base, metric, its))
+                     is not None]
+        print("\nPer class (IoU points, mean over pairs; pairs ahead):\n")
+        print(render_per_class(per_class))
     for name, n in left_out.items():
         if n:
             print(f"\n{name}: {n} runs of other specs (older defaults) left out")
     doc = {"scale": args.scale, "command": " ".join(["python bench/pool.py", *sys.argv[1:]]),
            "files": [name for name, _ in docs], "teachers": sources, "left_out": left_out,
            "gains": gains}
+    if args.per_class:
+        doc["per_class_gains"] = per_class
     out = args.out or RESULTS / f"pooled_{args.scale}.json"
     write_json(out, doc)
     print(f"\nwrote {out}")

@@ -112,3 +112,28 @@ def test_main_writes_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert row in capsys.readouterr().out
     written = json.loads(out.read_text())
     assert [g["mean"] for g in written["gains"] if g["metric"] == "miou"] == pytest.approx([2.0])
+
+
+def test_per_class_gains_pair_each_class_and_print_a_class_table(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ce, kd = run("none", 0, 0.30), run("kd", 0, 0.32)
+    ce["per_class_iou"] = [0.5] * 11
+    kd["per_class_iou"] = [0.5] * 11
+    kd["per_class_iou"][pool.TREE] = 0.8  # only tree moves
+    assert pool.metric_value(kd, "iou_tree") == pytest.approx(0.8)
+    assert pool.metric_value(run("kd", 0, 0.3), "iou_sky") is None
+    src = tmp_path / "accuracy_cpu_x.json"
+    src.write_text(json.dumps(doc(0.46, [ce, kd])))
+    out = tmp_path / "pooled.json"
+    assert pool.main([str(src), "--out", str(out), "--per-class"]) == 0
+    printed = capsys.readouterr().out
+    assert "| class | deeplabv3_resnet18 400: KD - CE |" in printed
+    assert "| tree | +30.00 (1/1) |" in printed and "| sky | +0.00 (0/1) |" in printed
+    written = json.loads(out.read_text())
+    by_metric = {g["metric"]: g["mean"] for g in written["per_class_gains"]}
+    assert len(by_metric) == 11
+    assert by_metric["iou_tree"] == pytest.approx(30.0)
+    assert by_metric["iou_road"] == pytest.approx(0.0)
+    # without the flag the file keeps its old shape
+    assert pool.main([str(src), "--out", str(out)]) == 0
+    assert "per_class_gains" not in json.loads(out.read_text())
