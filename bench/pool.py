@@ -121,14 +121,13 @@ def metric_value(record: dict[str, Any], metric: str) -> float | None:
     """A run's score on ``metric``: a recorded field, or one derived from ``per_class_iou``
     (the mean IoU without tree, or one class's IoU ``iou_<class>``); None for a record that
     has no per-class scores."""
-    if metric != "miou_without_tree" and metric not in CLASS_METRICS:
-        return record.get(metric)
     per_class = record.get("per_class_iou")
-    if not per_class:
-        return None
     if metric in CLASS_METRICS:
-        return float(per_class[CLASS_METRICS.index(metric)])
-    return statistics.fmean(v for i, v in enumerate(per_class) if i != TREE)
+        return float(per_class[CLASS_METRICS.index(metric)]) if per_class else None
+    if metric == "miou_without_tree":
+        return statistics.fmean(v for i, v in enumerate(per_class) if i != TREE) if per_class \
+            else None
+    return record.get(metric)
 
 
 def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
@@ -161,6 +160,15 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
         "by_pair": [{"teacher_miou": t, "seed": seed, "gain": v}
                     for (t, seed), v in sorted(diffs.items())],
     }
+
+
+def pooled_gains(runs: Runs, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every comparison on every metric, for each (student, budget) the runs hold, students
+    in the order they first appear."""
+    students = list(dict.fromkeys(k[2] for k in runs))
+    groups = sorted({(k[2], k[0]) for k in runs}, key=lambda g: (students.index(g[0]), g[1]))
+    return [g for student, its in groups for method, base in COMPARISONS for metric in metrics
+            if (g := pooled_gain(runs, student, method, base, metric, its)) is not None]
 
 
 def display_name(path: Path) -> str:
@@ -206,18 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
     docs = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
     runs, left_out, sources = load_runs(docs, args.scale)
-    students = list(dict.fromkeys(k[2] for k in runs))
-    groups = sorted({(k[2], k[0]) for k in runs}, key=lambda g: (students.index(g[0]), g[1]))
-    gains = [g for student, its in groups for method, base in COMPARISONS
-             for metric in METRICS
-             if (g := pooled_gain(runs, student, method, base, metric, its)) is not None]
+    gains = pooled_gains(runs, METRICS)
     print(render(gains))
-    per_class: list[dict[str, Any]] = []
+    per_class = pooled_gains(runs, CLASS_METRICS) if args.per_class else []
     if args.per_class:
-        per_class = [g for student, its in groups for method, base in COMPARISONS
-                     for metric in CLASS_METRICS
-                     if (g := pooled_gain(runs, student, method, base, metric, its))
-                     is not None]
         print("\nPer class (IoU points, mean over pairs; pairs ahead):\n")
         print(render_per_class(per_class))
     for name, n in left_out.items():
