@@ -61,8 +61,10 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "tap": [{}, {"method.tap": "backbone"}],
     "weight": [{}, {"method.weight": 0.3}, {"method.weight": 3.0}, {"method.weight": 10.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
-    # the feature term alone (no KD), and the default before 2026-12-01
-    "logit_kd": [{}, {"method.logit_kd_weight": 0.0}, PREVIOUS_DEFAULT],
+    # the feature term alone (no KD), the default before 2026-12-01, and twice the KD term
+    # (its pair is the KD baseline at weight 2, BASELINE_GROUPS "weight")
+    "logit_kd": [{}, {"method.logit_kd_weight": 0.0}, PREVIOUS_DEFAULT,
+                 {"method.logit_kd_weight": 2.0}],
     "adapter": [{}, {"method.adapter": True}, {"method.adapter": True, "method.keep": 256}],
     # the feature term decays (the previous default's schedule) with KD kept constant; both decay
     "weight_schedule": [{}, {"method.weight_schedule": "linear_decay",
@@ -70,9 +72,11 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
                         {"method.weight_schedule": "linear_decay"}],
 }
 
-# The baselines' groups: PCD's decaying weight tried on them (their default is constant).
+# The baselines' groups: PCD's decaying weight tried on them (their default is constant),
+# and KD at twice its weight, so that PCD with twice the KD term has a baseline to face.
 BASELINE_GROUPS: dict[str, list[dict[str, Any]]] = {
     "weight_schedule": [{}, {"method.weight_schedule": "linear_decay"}],
+    "weight": [{}, {"method.weight": 2.0}],
 }
 
 

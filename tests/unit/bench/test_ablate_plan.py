@@ -56,3 +56,11 @@ def test_a_group_the_method_does_not_have_is_refused() -> None:
 def test_the_previous_pcd_default_keeps_accuracy_pys_name_and_so_its_old_hash() -> None:
     assert variant_name("r18", PREVIOUS_DEFAULT, 0) is None
     assert variant_name("r18", {"method.weight": 3.0}, 0) == "r18-pcd-weight=3.0-s0"
+
+
+def test_twice_the_kd_term_is_ablated_on_pcd_and_on_the_kd_baseline_alike() -> None:
+    assert _selected("--groups", "logit_kd", "--variants", "method.logit_kd_weight=2.0") == [
+        {}, {"method.logit_kd_weight": 2.0}]
+    assert _selected("--method", "kd", "--groups", "weight", "--variants",
+                     "method.weight=2.0") == [{}, {"method.weight": 2.0}]
+    assert variant_name("r18", {"method.weight": 2.0}, 3, "kd") == "r18-kd-weight=2.0-s3"
