@@ -27,6 +27,28 @@ CAMVID_CLASSES = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_s
 IGNORE_INDEX = 11
 # The thin/small classes the paper says PCD sharpens (pole, sign_symbol, pedestrian, bicyclist).
 THIN_CLASSES = (2, 6, 9, 10)
+# At the cpu scale tree is the class a student learns or misses by chance: its IoU spans about
+# 1 to 80 within one method, up to 7 mIoU points on its own (bench/README.md, "A fifth machine
+# kind", has the measured spread). The mean over the other ten classes tells a method's lead
+# from that toss.
+TREE = CAMVID_CLASSES.index("tree")
+# one metric per class, the class's IoU (``iou_<class>``)
+CLASS_METRICS = tuple(f"iou_{name}" for name in CAMVID_CLASSES)
+
+
+def metric_value(record: dict[str, Any], metric: str) -> float | None:
+    """A run's score on ``metric``: a recorded field, or one derived from ``per_class_iou``
+    (``miou_without_tree``, the mean IoU of the ten classes other than tree, or one class's
+    IoU ``iou_<class>``); None for a record that has no per-class scores."""
+    per_class = record.get("per_class_iou")
+    if metric in CLASS_METRICS:
+        return float(per_class[CLASS_METRICS.index(metric)]) if per_class else None
+    if metric == "miou_without_tree":
+        return statistics.fmean(v for i, v in enumerate(per_class) if i != TREE) if per_class \
+            else None
+    return record.get(metric)
+
+
 TEACHERS = {"cpu": "deeplabv3_resnet50", "gpu": "deeplabv3_resnet101"}
 
 

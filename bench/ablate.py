@@ -30,6 +30,7 @@ from bench._common import (
     machine_facts,
     markdown_table,
     mean_spread,
+    metric_value,
     paired_delta,
     write_json,
 )
@@ -187,28 +188,39 @@ def collect(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> l
             rows.append({"group": group, "overrides": ov or "default", "runs": scores})
     ce = _reference(args, scale, t_dir, t_arch, "none")
     kd = _reference(args, scale, t_dir, t_arch, "kd")
-    default = {r["seed"]: 100 * r["miou"] for r in rows[0]["runs"]} if rows else {}
+    default = {r["seed"]: r for r in rows[0]["runs"]} if rows else {}
     for row in rows:
         row["miou"], row["miou_spread"] = mean_spread([100 * r["miou"] for r in row["runs"]])
         row["thin"], row["thin_spread"] = mean_spread([100 * r["thin_miou"]
                                                       for r in row["runs"]])
-        mine = {r["seed"]: 100 * r["miou"] for r in row["runs"]}
-        row["vs_ce"] = paired_delta(mine, ce)  # same seed, paired
-        row["vs_kd"] = paired_delta(mine, kd)
-        row["vs_default"] = paired_delta(mine, default)
+        mine = {r["seed"]: r for r in row["runs"]}
+        for key, metric in (("", "miou"), ("_without_tree", "miou_without_tree")):
+            # same seed, paired; without tree: the lead that is not the tree toss (_common.TREE)
+            row[f"vs_ce{key}"] = paired_delta(*_percent(metric, mine, ce))
+            row[f"vs_kd{key}"] = paired_delta(*_percent(metric, mine, kd))
+            row[f"vs_default{key}"] = paired_delta(*_percent(metric, mine, default))
     return rows
 
 
+def _percent(metric: str, *by_seed: dict[int, dict]) -> list[dict[int, float]]:
+    """Each seed -> record map as seed -> ``metric`` in %, seeds without the metric dropped."""
+    out = []
+    for records in by_seed:
+        values = {seed: metric_value(r, metric) for seed, r in records.items()}
+        out.append({seed: 100 * v for seed, v in values.items() if v is not None})
+    return out
+
+
 def _reference(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str,
-               method: str) -> dict[int, float]:
-    """mIoU (%) by seed of accuracy.py's finished runs of ``method``, for paired deltas."""
-    found: dict[int, float] = {}
+               method: str) -> dict[int, dict]:
+    """The records by seed of accuracy.py's finished runs of ``method``, for paired deltas."""
+    found: dict[int, dict] = {}
     for seed in args.seeds:
         d = run_dir(args.runs_dir, scale,
                     student_spec(scale, args.student, method, seed, t_arch, t_dir))
         scores = run_scores(d, scale, recorded=args.recorded)
         if scores is not None:
-            found[seed] = 100 * scores["miou"]
+            found[seed] = scores
     return found
 
 
@@ -220,11 +232,15 @@ def render(rows: list[dict], method: str = "pcd") -> str:
         seeds = ",".join(str(x["seed"]) for x in r["runs"]) or "-"
         miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
         thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
+        vs_default = [format_paired(r["vs_default"]),
+                      format_paired(r.get("vs_default_without_tree", {}))]
         body.append([r["group"], label, seeds, miou, format_paired(r["vs_ce"]),
                      format_paired(r["vs_kd"]),
-                     format_paired(r["vs_default"]) if ov != "default" else "", thin])
+                     format_paired(r.get("vs_kd_without_tree", {})),
+                     *(vs_default if ov != "default" else ["", ""]), thin])
     return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE (paired)",
-                           "Δ KD (paired)", f"Δ default {method.upper()} (paired)",
+                           "Δ KD (paired)", "Δ KD w/o tree",
+                           f"Δ default {method.upper()} (paired)", "Δ default w/o tree",
                            "thin mIoU"], body)
 
 

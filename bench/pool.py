@@ -38,20 +38,21 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import accuracy
-from bench._common import CAMVID_CLASSES, SCALES, TEACHERS, markdown_table, write_json
+from bench._common import (
+    CAMVID_CLASSES,
+    CLASS_METRICS,
+    SCALES,
+    TEACHERS,
+    markdown_table,
+    metric_value,
+    write_json,
+)
 from bench._runs import run_dir, teacher_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 COMPARISONS = [("pcd", "none"), ("pcd", "kd"), ("pcd", "cwd"), ("kd", "none"), ("cwd", "none")]
 METRICS = ("miou", "thin_miou", "miou_without_tree")
-# At the cpu scale tree is the class a student learns or misses by chance: its IoU spans about
-# 1 to 80 within one method, up to 7 mIoU points on its own (bench/README.md, "A fifth machine
-# kind", has the measured spread). The mean over the other ten classes tells a method's lead
-# from that toss.
-TREE = CAMVID_CLASSES.index("tree")
-# ``--per-class``: one metric per class, the class's IoU (``iou_<class>``)
-CLASS_METRICS = tuple(f"iou_{name}" for name in CAMVID_CLASSES)
 
 # (student iterations, teacher mIoU, student, method, seed) -> the run's record
 Runs = dict[tuple[int, float, str, str, int], dict[str, Any]]
@@ -115,19 +116,6 @@ def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str
                 raise SystemExit(f"{name}: {key} with teacher {teacher} scores {r['miou']}, "
                                  f"another file says {seen['miou']}: the files disagree")
     return runs, left_out, dict(sources)
-
-
-def metric_value(record: dict[str, Any], metric: str) -> float | None:
-    """A run's score on ``metric``: a recorded field, or one derived from ``per_class_iou``
-    (the mean IoU without tree, or one class's IoU ``iou_<class>``); None for a record that
-    has no per-class scores."""
-    per_class = record.get("per_class_iou")
-    if metric in CLASS_METRICS:
-        return float(per_class[CLASS_METRICS.index(metric)]) if per_class else None
-    if metric == "miou_without_tree":
-        return statistics.fmean(v for i, v in enumerate(per_class) if i != TREE) if per_class \
-            else None
-    return record.get(metric)
 
 
 def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,

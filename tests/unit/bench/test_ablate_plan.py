@@ -64,3 +64,18 @@ def test_twice_the_kd_term_is_ablated_on_pcd_and_on_the_kd_baseline_alike() -> N
     assert _selected("--method", "kd", "--groups", "weight", "--variants",
                      "method.weight=2.0") == [{}, {"method.weight": 2.0}]
     assert variant_name("r18", {"method.weight": 2.0}, 3, "kd") == "r18-kd-weight=2.0-s3"
+
+
+def test_the_without_tree_gap_ignores_tree_and_skips_records_without_classes() -> None:
+    from bench._common import TREE, paired_delta
+    from bench.ablate import _percent
+
+    classes = [0.5] * 11
+    base = {0: {"miou": 0.5, "per_class_iou": classes}, 1: {"miou": 0.4}}
+    tree_only = [*classes]
+    tree_only[TREE] = 0.9
+    mine = {0: {"miou": 0.55, "per_class_iou": tree_only}, 1: {"miou": 0.45}}
+    assert paired_delta(*_percent("miou", mine, base))["n"] == 2
+    without_tree = paired_delta(*_percent("miou_without_tree", mine, base))
+    assert without_tree["n"] == 1  # seed 1 has no per-class scores
+    assert without_tree["mean"] == pytest.approx(0.0)

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from bench import pool
+from bench._common import TREE, metric_value
 
 STUDENT = "deeplabv3_resnet18"
 
@@ -73,7 +74,7 @@ def test_a_longer_student_budget_pools_on_its_own_rows() -> None:
 
 
 def test_the_gain_without_tree_skips_tree_and_runs_without_per_class_scores() -> None:
-    tree = pool.TREE
+    tree = TREE
 
     def per_class(rest: float, tree_iou: float) -> list[float]:
         return [tree_iou if i == tree else rest for i in range(11)]
@@ -88,7 +89,7 @@ def test_the_gain_without_tree_skips_tree_and_runs_without_per_class_scores() ->
     assert whole is not None and rest is not None
     assert whole["pairs"] == 2 and rest["pairs"] == 1
     assert rest["mean"] == pytest.approx(1.0)  # tree's 0 -> 60 is gone; the other ten +1 each
-    assert pool.metric_value(run("pcd", 0, 0.3), "miou_without_tree") is None
+    assert metric_value(run("pcd", 0, 0.3), "miou_without_tree") is None
 
 
 def test_a_table_printed_twice_counts_once_and_must_agree() -> None:
@@ -119,9 +120,9 @@ def test_per_class_gains_pair_each_class_and_print_a_class_table(
     ce, kd = run("none", 0, 0.30), run("kd", 0, 0.32)
     ce["per_class_iou"] = [0.5] * 11
     kd["per_class_iou"] = [0.5] * 11
-    kd["per_class_iou"][pool.TREE] = 0.8  # only tree moves
-    assert pool.metric_value(kd, "iou_tree") == pytest.approx(0.8)
-    assert pool.metric_value(run("kd", 0, 0.3), "iou_sky") is None
+    kd["per_class_iou"][TREE] = 0.8  # only tree moves
+    assert metric_value(kd, "iou_tree") == pytest.approx(0.8)
+    assert metric_value(run("kd", 0, 0.3), "iou_sky") is None
     src = tmp_path / "accuracy_cpu_x.json"
     src.write_text(json.dumps(doc(0.46, [ce, kd])))
     out = tmp_path / "pooled.json"
