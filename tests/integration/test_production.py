@@ -234,34 +234,36 @@ def test_sigkill_worker_mid_training_resumes_on_the_other(
     assert victim in ("w1", "w2"), (worker_id, list(cluster.procs))
     survivor = "w2" if victim == "w1" else "w1"
     cluster.signal(victim, signal.SIGKILL)  # the whole node: parent and child, no cleanup
-    # What the dead attempt left: the row points at a complete checkpoint in S3, the only one.
-    killed_at, ckpt_it, ckpt_uri, status = row(
-        cluster, job["id"], "iteration, checkpoint_iteration, checkpoint_uri, status")
-    assert status == "running" and 0 < ckpt_it <= killed_at < 40, (status, ckpt_it, killed_at)
-    key = f"jobs/{job['id']}/checkpoints/ckpt-{ckpt_it:09d}.pt"
-    assert str(ckpt_uri).endswith(key), (ckpt_uri, key)
-    ckpts = [k for k in stored_keys(cluster, job["id"]) if "/checkpoints/" in k]
-    # older ones were deleted; a newer one may have been uploaded but not yet recorded
-    assert ckpts and ckpts[0] == key, (key, ckpts)  # sorted: zero-padded iterations
+    try:
+        # What the dead attempt left: the row points at a complete checkpoint in S3, the only one.
+        killed_at, ckpt_it, ckpt_uri, status = row(
+            cluster, job["id"], "iteration, checkpoint_iteration, checkpoint_uri, status")
+        assert status == "running" and 0 < ckpt_it <= killed_at < 40, (status, ckpt_it, killed_at)
+        key = f"jobs/{job['id']}/checkpoints/ckpt-{ckpt_it:09d}.pt"
+        assert str(ckpt_uri).endswith(key), (ckpt_uri, key)
+        ckpts = [k for k in stored_keys(cluster, job["id"]) if "/checkpoints/" in k]
+        # older ones were deleted; a newer one may have been uploaded but not yet recorded
+        assert ckpts and ckpts[0] == key, (key, ckpts)  # sorted: zero-padded iterations
 
-    done = wait_job(client, job["id"], timeout=150)
-    assert_ran_once(cluster, client, done, attempts=2)
-    text = log_text(client, job["id"])
-    assert re.search(r"^reaper: requeued: no heartbeat from worker " + re.escape(worker_id),
-                     text, re.M), text
-    resumed = re.findall(r"attempt (\d+): resuming from checkpoint at iteration (\d+)", text)
-    assert resumed == [("2", str(ckpt_it))], (resumed, ckpt_it)  # from the row's checkpoint
-    claims = [m for (m,) in db_rows(cluster.database_url,
-                                    "SELECT message FROM job_transitions WHERE job_id = %s "
-                                    "AND to_status = 'running' ORDER BY id", job["id"])]
-    assert len(claims) == 2 and worker_id in claims[0] and worker_id not in claims[1], claims
-    assert cluster.procs[survivor].poll() is None
-    # the resumed run trained the remaining iterations, not the whole budget again
-    metrics = json.loads(assert_artifacts_intact(cluster, client, job["id"], tmp_path)
-                         ["metrics.json"].read_text())
-    assert metrics["iterations"] == 40, metrics["iterations"]
-    cluster.start_worker(victim)  # back to two workers for the next stories
-    cluster.wait_worker_ready(victim)
+        done = wait_job(client, job["id"], timeout=150)
+        assert_ran_once(cluster, client, done, attempts=2)
+        text = log_text(client, job["id"])
+        assert re.search(r"^reaper: requeued: no heartbeat from worker " + re.escape(worker_id),
+                         text, re.M), text
+        resumed = re.findall(r"attempt (\d+): resuming from checkpoint at iteration (\d+)", text)
+        assert resumed == [("2", str(ckpt_it))], (resumed, ckpt_it)  # from the row's checkpoint
+        claims = [m for (m,) in db_rows(cluster.database_url,
+                                        "SELECT message FROM job_transitions WHERE job_id = %s "
+                                        "AND to_status = 'running' ORDER BY id", job["id"])]
+        assert len(claims) == 2 and worker_id in claims[0] and worker_id not in claims[1], claims
+        assert cluster.procs[survivor].poll() is None
+        # the resumed run trained the remaining iterations, not the whole budget again
+        metrics = json.loads(assert_artifacts_intact(cluster, client, job["id"], tmp_path)
+                             ["metrics.json"].read_text())
+        assert metrics["iterations"] == 40, metrics["iterations"]
+    finally:  # back to two workers for the next stories, also when an assertion failed
+        cluster.start_worker(victim)
+        cluster.wait_worker_ready(victim)
 
 
 def test_redis_restart_mid_job(cluster: Cluster, inputs: dict[str, str],
