@@ -233,10 +233,10 @@ def render(rows: list[dict], method: str = "pcd") -> str:
         miou = f"{r['miou']:.2f} ± {r['miou_spread']:.2f}" if r["runs"] else "not run"
         thin = f"{r['thin']:.2f} ± {r['thin_spread']:.2f}" if r["runs"] else ""
         vs_default = [format_paired(r["vs_default"]),
-                      format_paired(r.get("vs_default_without_tree", {}))]
+                      format_paired(r["vs_default_without_tree"])]
         body.append([r["group"], label, seeds, miou, format_paired(r["vs_ce"]),
                      format_paired(r["vs_kd"]),
-                     format_paired(r.get("vs_kd_without_tree", {})),
+                     format_paired(r["vs_kd_without_tree"]),
                      *(vs_default if ov != "default" else ["", ""]), thin])
     return markdown_table(["group", "variant", "seeds", "mIoU", "Δ CE (paired)",
                            "Δ KD (paired)", "Δ KD w/o tree",
