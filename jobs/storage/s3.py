@@ -380,9 +380,26 @@ def _retry_window(retry_s: float | None) -> float:
 def _log_retry(store: S3Store, key: str, state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else 0.0
-    log.warning("S3 %s/%s: attempt %d failed (%s: %s); again in %.1f s (gives up %.0f s "
+    log.warning("S3 %s/%s: attempt %d failed (%s); again in %.1f s (gives up %.0f s "
                 "after the first)", store.uri_base, key, state.attempt_number,
-                type(exc).__name__, exc, wait, store.retry_s)
+                describe(exc), wait, store.retry_s)
+
+
+def describe(exc: BaseException | None) -> str:
+    """``Type: message`` of ``exc``, with what a transfer retried on when it ran out.
+
+    boto3's "Max Retries Exceeded" names no cause: s3transfer keeps the last error of its
+    own download retries (a read timeout, a body cut short, a reset connection) in
+    ``last_exception``, and without it a failure after two minutes of retries cannot be
+    told apart from the server's side.
+    """
+    if exc is None:
+        return "no exception"
+    text = f"{type(exc).__name__}: {exc}"
+    last = getattr(exc, "last_exception", None)
+    if isinstance(last, BaseException):
+        text += f" (last: {describe(last)})"
+    return text
 
 
 @contextlib.contextmanager
@@ -398,7 +415,7 @@ def _errors(key: str) -> Iterator[None]:
     except BotoCoreError as exc:
         raise StorageError(f"S3 unreachable on {key!r}: {exc}") from exc
     except Boto3Error as exc:  # S3UploadFailedError, RetriesExceededError: transfer failures
-        raise StorageError(f"S3 transfer of {key!r} failed: {exc}") from exc
+        raise StorageError(f"S3 transfer of {key!r} failed: {describe(exc)}") from exc
 
 
 def _iter_body(body: Any, key: str, chunk_size: int) -> Iterator[bytes]:

@@ -171,3 +171,26 @@ def test_a_malformed_window_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PCD_S3_RETRY_S", "two minutes")
     with pytest.raises(ValueError, match="PCD_S3_RETRY_S"):
         S3Store("b", client=object())
+
+
+def test_a_transfer_that_ran_out_of_retries_names_its_last_error(
+        stubbed: tuple[S3Store, Stubber], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto3 says only "Max Retries Exceeded"; the error and each retry's log line must also
+    say what the transfer retried on (here a read timeout), or a storage_error cannot be
+    told apart from the server's side."""
+    store, _ = stubbed
+    monkeypatch.setattr(s3_module, "RETRY_FIRST_WAIT_S", 0.01)
+    store.retry_s = 0.05
+    timeout = ReadTimeoutError(endpoint_url="http://s3.test/b/k")
+
+    def download() -> None:
+        raise RetriesExceededError(timeout)
+
+    with caplog.at_level("WARNING", logger=s3_module.__name__), \
+            pytest.raises(StorageError) as failed:
+        store._retried("k", download)
+    assert "Max Retries Exceeded" in str(failed.value)
+    assert "(last: ReadTimeoutError: Read timeout on endpoint URL" in str(failed.value)
+    retries = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+    assert retries and all("last: ReadTimeoutError" in m for m in retries), retries
