@@ -390,8 +390,8 @@ def describe(exc: BaseException | None) -> str:
 
     boto3's "Max Retries Exceeded" names no cause: s3transfer keeps the last error of its
     own download retries (a read timeout, a body cut short, a reset connection) in
-    ``last_exception``, and without it a failure after two minutes of retries cannot be
-    told apart from the server's side.
+    ``last_exception``. Without it, a job that failed after two minutes of retries does
+    not say whether the server timed out, cut the body short or dropped the connection.
     """
     if exc is None:
         return "no exception"
