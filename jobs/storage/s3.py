@@ -382,10 +382,10 @@ def _log_retry(store: S3Store, key: str, state: tenacity.RetryCallState) -> None
     wait = state.next_action.sleep if state.next_action else 0.0
     log.warning("S3 %s/%s: attempt %d failed (%s); again in %.1f s (gives up %.0f s "
                 "after the first)", store.uri_base, key, state.attempt_number,
-                describe(exc), wait, store.retry_s)
+                _describe(exc), wait, store.retry_s)
 
 
-def describe(exc: BaseException | None) -> str:
+def _describe(exc: BaseException | None) -> str:
     """``Type: message`` of ``exc``, with what a transfer retried on when it ran out.
 
     boto3's "Max Retries Exceeded" names no cause: s3transfer keeps the last error of its
@@ -398,7 +398,7 @@ def describe(exc: BaseException | None) -> str:
     text = f"{type(exc).__name__}: {exc}"
     last = getattr(exc, "last_exception", None)
     if isinstance(last, BaseException):
-        text += f" (last: {describe(last)})"
+        text += f" (last: {_describe(last)})"
     return text
 
 
@@ -415,7 +415,7 @@ def _errors(key: str) -> Iterator[None]:
     except BotoCoreError as exc:
         raise StorageError(f"S3 unreachable on {key!r}: {exc}") from exc
     except Boto3Error as exc:  # S3UploadFailedError, RetriesExceededError: transfer failures
-        raise StorageError(f"S3 transfer of {key!r} failed: {describe(exc)}") from exc
+        raise StorageError(f"S3 transfer of {key!r} failed: {_describe(exc)}") from exc
 
 
 def _iter_body(body: Any, key: str, chunk_size: int) -> Iterator[bytes]:

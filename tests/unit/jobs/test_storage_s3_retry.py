@@ -177,8 +177,8 @@ def test_a_transfer_that_ran_out_of_retries_names_its_last_error(
         stubbed: tuple[S3Store, Stubber], caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """boto3 says only "Max Retries Exceeded"; the error and each retry's log line must also
-    say what the transfer retried on (here a read timeout), or a storage_error cannot be
-    told apart from the server's side."""
+    say what the transfer retried on (here a read timeout): whether the server timed out,
+    cut the body short or dropped the connection."""
     store, _ = stubbed
     monkeypatch.setattr(s3_module, "RETRY_FIRST_WAIT_S", 0.01)
     store.retry_s = 0.05
