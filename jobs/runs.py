@@ -78,7 +78,7 @@ def append_metrics(session: Session, job: Job, step: int, values: Mapping[str, f
 def append_log(session: Session, job: Job | str, message: str, *, level: str = "info") -> int:
     """Append one entry to the job's log; returns its ``seq`` (0, 1, 2, ... per job).
 
-    Appenders of one job (runner, heartbeat thread, reaper) are serialised by writing the
+    Appenders of one job (runner, heartbeat process, reaper) are serialised by writing the
     job row first: it takes the row lock (PostgreSQL) or the database lock (SQLite) until
     commit, so ``max(seq) + 1`` cannot be computed twice.
     """

@@ -107,6 +107,14 @@ def _fresh_db_in_child(**_: Any) -> None:
     allow_child_processes()
 
 
+@signals.worker_process_init.connect
+def _spare_heartbeat_in_child(**_: Any) -> None:
+    """The child's job gets a beater that is already running (see worker.heartbeat)."""
+    from worker.heartbeat import prestart
+
+    prestart()
+
+
 def allow_child_processes() -> None:
     """Let a prefork pool child start processes of its own (DataLoader workers, torchrun).
 

@@ -1,14 +1,14 @@
-"""Engine callbacks that write a run's progress to the job row, and the heartbeat thread.
+"""Engine callbacks that write a run's progress to the job row.
 
 Why throttled: the engine reports every ``log_every`` iterations, which on a fast GPU is many
 times a second; every report is a database write that the API's pollers then read. We write
 at most about once per ``min_interval_s`` (phase changes, evaluations and checkpoints always
 go through, they are rare and matter), and log lines are buffered and flushed with them.
 
-Why a separate heartbeat thread: progress stops for minutes at a time (the PCD scoring pass,
-a long evaluation, an ONNX export, an upload) and the reaper must not mistake that for a dead
-worker. The thread beats every ``heartbeat_interval_s`` whatever the loop is doing, and stops
-the run (through ``should_stop``) if the row says the job is no longer ours.
+Progress is not the heartbeat: it stops for minutes at a time (the PCD scoring pass, a long
+evaluation, an ONNX export, an upload), so liveness comes from ``worker.heartbeat``, a process
+that beats whatever the run is doing. Its ``lost`` flag is this module's ``stop_flag``: the run
+stops (through ``should_stop``) once the row says the job is no longer ours.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pcd_core.progress import Callback, Progress
 
@@ -45,17 +45,23 @@ def _best_effort(what: str, fn: Callable[[], Any]) -> Any:
         return None
 
 
+class StopFlag(Protocol):
+    """Anything with an Event's ``is_set``: a ``threading.Event`` or the heartbeat's ``lost``."""
+
+    def is_set(self) -> bool: ...
+
+
 class DbProgress(Callback):
     """Writes progress/metrics/log lines to the row; answers ``should_stop`` from the row."""
 
     def __init__(self, row: JobRow, *, min_interval_s: float = 1.0,
                  on_checkpoint: Callable[[int, Path], None] | None = None,
-                 stop_flag: threading.Event | None = None,
+                 stop_flag: StopFlag | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.row = row
         self.min_interval_s = min_interval_s
         self.checkpoint_hook = on_checkpoint
-        self.stop_flag = stop_flag or threading.Event()
+        self.stop_flag: StopFlag = stop_flag or threading.Event()
         self._clock = clock
         self._last_write = -1e9
         self._last_phase: str | None = None
@@ -161,38 +167,3 @@ class DbProgress(Callback):
             if p.lr is not None:
                 series["lr"] = float(p.lr)
             self.row.metrics(p.iteration, series)
-
-
-class Heartbeat:
-    """A daemon thread that beats the row every ``interval_s`` until stopped.
-
-    If a beat finds that the job is no longer owned by this worker (the reaper gave it to
-    another worker after a partition, or it was failed), ``lost`` is set; the runner's
-    ``should_stop`` then ends the local run without touching the row.
-    """
-
-    def __init__(self, row: JobRow, interval_s: float) -> None:
-        self.row = row
-        self.interval_s = interval_s
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{row.job_id}",
-                                        daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self.interval_s + 5)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                if not self.row.beat():
-                    log.warning("job %s is no longer owned by this worker", self.row.job_id)
-                    self.lost.set()
-                    return
-            except Exception:  # a DB blip must not kill the thread; the next beat retries
-                log.exception("heartbeat of job %s failed", self.row.job_id)

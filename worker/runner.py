@@ -33,8 +33,9 @@ from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from pcd_core.progress import RunCancelled
 from worker import inputs, outputs
+from worker.heartbeat import BeatOrder, Heartbeat
 from worker.jobrow import JobRow, JobSnapshot, sessions_for
-from worker.progress import DbProgress, Heartbeat
+from worker.progress import DbProgress
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ def execute_job(job_id: str, *, settings: Settings | None = None,
     row = JobRow(job_id, worker_id, sessions)
     snap = row.snapshot()
     row.log("info", f"attempt {snap.attempt} started on worker {worker_id}")
-    with Heartbeat(row, settings.heartbeat_interval_s) as beat:
+    order = BeatOrder(job_id, worker_id, settings.database_url, settings.heartbeat_interval_s)
+    with Heartbeat(order) as beat:
         try:
             ctx = _context(settings, row, snap, beat)
             return _run(ctx)

@@ -1,13 +1,13 @@
-"""Progress callbacks (throttling, cancel polling) and the heartbeat thread, on a fake row."""
+"""Progress callbacks (throttling, cancel polling), on a fake row (the heartbeat is in
+test_worker_heartbeat.py)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 from pcd_core.progress import Progress
-from worker.progress import DbProgress, Heartbeat
+from worker.progress import DbProgress
 
 
 class FakeRow:
@@ -97,19 +97,6 @@ def test_checkpoint_hook_runs_after_flush(tmp_path: Path) -> None:
     cb = DbProgress(row, on_checkpoint=lambda it, p: seen.append((it, p)))  # type: ignore[arg-type]
     cb.on_checkpoint(10, tmp_path / "last.pt")
     assert seen == [(10, tmp_path / "last.pt")]
-
-
-def test_heartbeat_beats_and_flags_lost_ownership() -> None:
-    row = FakeRow()
-    with Heartbeat(row, 0.02) as hb:  # type: ignore[arg-type]
-        deadline = time.monotonic() + 10  # a loaded CI machine may starve the thread a while
-        while row.beats < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert row.beats >= 3 and not hb.lost.is_set()
-        row.owned = False
-        assert hb.lost.wait(1.0)
-    cb = DbProgress(row, stop_flag=hb.lost)  # type: ignore[arg-type]
-    assert cb.should_stop()
 
 
 def test_bookkeeping_failures_never_kill_the_run(tmp_path: Path) -> None:

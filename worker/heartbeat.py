@@ -1,0 +1,228 @@
+"""The heartbeat of a running job, beaten by a small process of its own.
+
+Why a process and not a thread of the run: the reaper re-queues a job whose ``heartbeat_at``
+is older than ``heartbeat_timeout_s``, so a beat that comes late costs a live run its job. A
+thread shares the run's interpreter lock, and a run holds that lock for seconds at a time in
+calls that never release it: loading ``libtorch`` on the first ``import torch`` of a fresh
+worker child (the gap that got a live job re-queued in CI), arbitrary C extensions, a
+stop-the-world collection of a large heap. A separate interpreter has its own lock, so only
+the operating system can delay it.
+
+Why the beats still stop when the run dies: the beater reads the run's end of a pipe (its
+stdin). A run that ends, crashes or is SIGKILLed closes that end, the beater reads EOF and
+exits, and the reaper sees the heartbeat go stale as before. It also exits if it is
+re-parented (its parent pid changes), in case a forked helper of the run (a DataLoader
+worker) still holds the pipe open.
+
+Why a spare: a fresh interpreter needs about a second (more on a loaded machine) before it
+can beat, while the claim's own timestamp is already ageing. Each Celery pool child starts
+one beater ahead of its job (:func:`prestart`, from ``worker_process_init``); it loads its
+imports and then waits for its order, so the job's first beat follows the claim at once.
+
+The beater exits with :data:`EXIT_LOST` when a beat finds the job no longer owned by this
+worker (re-queued after a partition, cancelled, finished elsewhere); the run's
+``should_stop`` then ends the local attempt without touching the row. It is started with
+``python -m worker.heartbeat`` and told what to beat in one JSON line on stdin, so the
+database URL (which may hold a password) never appears in a process listing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from jobs import db
+from worker.jobrow import JobRow
+
+log = logging.getLogger(__name__)
+
+EXIT_STOPPED = 0  # stdin closed: the run ended or died
+EXIT_LOST = 3  # the job is no longer owned by this worker
+EXIT_BAD_ORDER = 4  # the first line was not a beat order (a bug, never a job's fault)
+
+# A beater started ahead of the next job, waiting for its order (see :func:`prestart`).
+_spare: subprocess.Popen[bytes] | None = None
+
+
+@dataclass(frozen=True)
+class BeatOrder:
+    """What one beater beats: the job, its owner, the database, how often."""
+
+    job_id: str
+    worker_id: str
+    database_url: str
+    interval_s: float
+
+
+class Heartbeat:
+    """Starts the beater for one attempt and watches it; a context manager around the run.
+
+    ``lost.is_set()`` is True once the beater found the job gone; the runner passes ``lost``
+    to the progress callbacks as their stop flag. A beater that died any other way (killed
+    by the OOM killer, say) is started again, at most once per interval: without beats the
+    reaper would re-queue a run that is still going well.
+    """
+
+    def __init__(self, order: BeatOrder) -> None:
+        self.order = order
+        self.lost = _OwnershipLost(self)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self._started_at = float("-inf")
+        self._lost = False
+
+    def __enter__(self) -> Heartbeat:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping = True
+        proc = self._proc
+        if proc is None:
+            return
+        try:
+            if proc.stdin is not None:
+                proc.stdin.close()  # EOF: the beater's signal to exit
+            proc.wait(timeout=self.order.interval_s + 5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+    def ownership_lost(self) -> bool:
+        """Whether the beater found the job no longer ours (restarts a beater that died)."""
+        if self._lost:
+            return True
+        proc = self._proc
+        code = proc.poll() if proc is not None else None
+        if code == EXIT_LOST:
+            self._lost = True
+            return True
+        if proc is not None and code is not None and not self._stopping:
+            now = time.monotonic()
+            if now - self._started_at >= self.order.interval_s:
+                log.warning("the heartbeat of job %s exited with %s; starting it again",
+                            self.order.job_id, code)
+                self._start()
+        return False
+
+    @property
+    def pid(self) -> int | None:
+        """The beater's process id (for logs and tests)."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _start(self) -> None:
+        self._started_at = time.monotonic()
+        line = json.dumps(asdict(self.order)).encode() + b"\n"
+        proc = _take_spare()
+        if proc is not None:
+            try:
+                _send(proc, line)
+            except OSError:  # the spare died while it waited: start one now
+                proc.kill()
+                proc = None
+        if proc is None:
+            proc = _spawn()
+            _send(proc, line)
+        self._proc = proc
+
+
+def prestart() -> None:
+    """Start a beater that loads its imports and waits for the next job's order.
+
+    Called in each Celery pool child as it starts (never in the parent: the spare is this
+    process's child and must be the job's). A spare that is never used reads EOF when its
+    process exits, and exits too.
+    """
+    global _spare
+    if _spare is None or _spare.poll() is not None:
+        _spare = _spawn()
+
+
+def _take_spare() -> subprocess.Popen[bytes] | None:
+    global _spare
+    proc, _spare = _spare, None
+    return proc if proc is not None and proc.poll() is None else None
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "worker.heartbeat"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def _send(proc: subprocess.Popen[bytes], line: bytes) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(line)
+    proc.stdin.flush()
+
+
+class _OwnershipLost:
+    """The ``is_set()`` face of :meth:`Heartbeat.ownership_lost` (an Event-like stop flag)."""
+
+    def __init__(self, heartbeat: Heartbeat) -> None:
+        self._heartbeat = heartbeat
+
+    def is_set(self) -> bool:
+        return self._heartbeat.ownership_lost()
+
+
+def beat_until_told(order: BeatOrder, stdin_fd: int) -> int:
+    """The beater's loop: beat now, then every ``interval_s`` until EOF on ``stdin_fd``.
+
+    Returns the exit code. A beat that fails (the database restarting, a locked SQLite
+    file) is logged and retried at the next interval: the timeout allows several misses.
+    """
+    row = JobRow(order.job_id, order.worker_id,
+                 db.make_sessionmaker(db.make_engine(order.database_url)))
+    parent = os.getppid()
+    while True:
+        try:
+            if not row.beat():
+                log.warning("job %s is no longer owned by worker %s", order.job_id,
+                            order.worker_id)
+                return EXIT_LOST
+        except Exception:
+            log.exception("a heartbeat of job %s failed; the next one retries", order.job_id)
+        readable, _, _ = select.select([stdin_fd], [], [], order.interval_s)
+        if readable and not os.read(stdin_fd, 4096):
+            return EXIT_STOPPED
+        if os.getppid() != parent:
+            return EXIT_STOPPED
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s heartbeat[%(process)d] %(levelname)s %(message)s")
+    # A Ctrl-C in a terminal reaches the whole process group; the run decides when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stdin_fd = sys.stdin.fileno()
+    line = _read_line(stdin_fd)
+    if not line:  # a spare whose process ended without a job for it
+        return EXIT_STOPPED
+    try:
+        order = BeatOrder(**json.loads(line))
+    except (ValueError, TypeError) as exc:
+        log.error("the heartbeat got no beat order: %s", exc)
+        return EXIT_BAD_ORDER
+    return beat_until_told(order, stdin_fd)
+
+
+def _read_line(fd: int) -> str:
+    """One line from ``fd`` without Python's buffering (the rest of the pipe is polled raw)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
