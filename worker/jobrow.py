@@ -4,9 +4,9 @@ short transaction.
 Why short transactions: a run lasts hours, while SQLite (the embedded default) allows one
 writer at a time and PostgreSQL should not hold a transaction open that long either. Every
 call here opens a session, does one thing through ``jobs.service`` (which owns the state
-machine) and commits. Why one adapter class: the heartbeat process (worker/heartbeat.py), the
-progress callbacks and the runner all write the same row, and keeping the ``jobs`` calls in one place keeps the rest
-of the worker readable.
+machine) and commits. Why one adapter class: the heartbeat process (worker/heartbeat.py),
+the progress callbacks and the runner all write the same row, and keeping the ``jobs`` calls
+in one place keeps the rest of the worker readable.
 """
 
 from __future__ import annotations
