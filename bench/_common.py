@@ -49,7 +49,8 @@ def metric_value(record: dict[str, Any], metric: str) -> float | None:
     return record.get(metric)
 
 
-TEACHERS = {"cpu": "deeplabv3_resnet50", "gpu": "deeplabv3_resnet101"}
+TEACHERS = {"cpu": "deeplabv3_resnet50", "gpu": "deeplabv3_resnet101",
+            "smoke": "deeplabv3_resnet50"}
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,12 @@ SCALES: dict[str, Scale] = {
     "gpu": Scale("gpu", resize=None, crop=(360, 480), output_stride=8, batch_size=8,
                  teacher_iterations=2000, student_iterations=1000, lr=0.02, amp=True,
                  num_workers=6, eval_every=100000),
+    # Not a benchmark: the gpu scale's code path (AMP on, loader workers, a teacher that is
+    # not the student's arch) in seconds on real CamVid, so bench/gpu_lease.sh and the
+    # scripts it calls are tested on CPU before a GPU lease spends minutes on them.
+    "smoke": Scale("smoke", resize=(48, 64), crop=(48, 64), output_stride=16, batch_size=2,
+                   teacher_iterations=3, student_iterations=3, lr=0.02, amp=True,
+                   num_workers=1, eval_every=100000),
 }
 
 

@@ -66,9 +66,11 @@ class StepRunner:
     """
 
     def __init__(self, method: str, *, teacher: nn.Module, student_arch: str, os_: int,
-                 device: torch.device, choices: Mapping[str, Any]) -> None:
+                 device: torch.device, choices: Mapping[str, Any],
+                 amp_dtype: torch.dtype | None = None) -> None:
         self.name = method
         self.device = device
+        self.amp_dtype = amp_dtype
         if method == "teacher":
             self.net = build_model(teacher.arch, NUM_CLASSES, output_stride=os_,
                                    aux=True).to(device)
@@ -93,17 +95,20 @@ class StepRunner:
 
     def step(self, img: Tensor, target: Tensor, iteration: int) -> float:
         """One step; returns the total loss (a float forces completion of the step)."""
-        out = self.net(img)
-        t_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                t_out = self.teacher(img)
-        loss = F.cross_entropy(out["out"], target, ignore_index=IGNORE_INDEX)
-        if "aux" in out:
-            loss = loss + 0.4 * F.cross_entropy(out["aux"], target, ignore_index=IGNORE_INDEX)
-        if self.method is not None:
-            for v in self.method(out, t_out, target, iteration).values():
-                loss = loss + v
+        amp = self.amp_dtype
+        with torch.autocast(img.device.type, dtype=amp, enabled=amp is not None):
+            out = self.net(img)
+            t_out = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = self.teacher(img)
+            loss = F.cross_entropy(out["out"].float(), target, ignore_index=IGNORE_INDEX)
+            if "aux" in out:
+                loss = loss + 0.4 * F.cross_entropy(out["aux"].float(), target,
+                                                    ignore_index=IGNORE_INDEX)
+            if self.method is not None:
+                for v in self.method(out, t_out, target, iteration).values():
+                    loss = loss + v
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -186,12 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     os_ = args.os_ or scale.output_stride
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # As the training loop: bf16 autocast on CUDA when the scale trains with AMP, and cuDNN
+    # picking its fastest kernels (pcd_core.reproducible does the same for non-deterministic
+    # runs); on CPU both are off, as in training.
+    amp_dtype = torch.bfloat16 if scale.amp and device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     teacher = build_model(args.teacher or TEACHERS[args.scale], NUM_CLASSES,
                           output_stride=os_).to(device).eval().requires_grad_(False)
     choices = {"rematch_every": args.rematch_every, "score_batches": args.score_batches}
     runners = {m: StepRunner(m, teacher=teacher, student_arch=args.student, os_=os_,
-                             device=device, choices=choices) for m in args.methods}
+                             device=device, choices=choices, amp_dtype=amp_dtype)
+               for m in args.methods}
     gen = torch.Generator().manual_seed(0)
     batches = [random_batch(batch, hw, device, gen) for _ in range(4)]
     overheads = {}
@@ -216,6 +228,7 @@ def build_report(args: argparse.Namespace, hw: tuple[int, ...], batch: int, os_:
     doc: dict[str, Any] = {
         "machine": machine_facts(), "device": args.device, "hw": list(hw), "batch": batch,
         "output_stride": os_, "teacher": args.teacher or TEACHERS[args.scale],
+        "amp": "bf16" if scale.amp and args.device.startswith("cuda") else None,
         "student": args.student, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "median_step_s": med, "all_step_s": times,
         "command": "python bench/step_time.py " + " ".join(sys.argv[1:]),
