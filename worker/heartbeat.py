@@ -4,9 +4,10 @@ Why a process and not a thread of the run: the reaper re-queues a job whose ``he
 is older than ``heartbeat_timeout_s``, so a beat that comes late costs a live run its job. A
 thread shares the run's interpreter lock, and a run holds that lock for seconds at a time in
 calls that never release it: loading ``libtorch`` on the first ``import torch`` of a fresh
-worker child (the gap that got a live job re-queued in CI), arbitrary C extensions, a
-stop-the-world collection of a large heap. A separate interpreter has its own lock, so only
-the operating system can delay it.
+worker child (0.4 s without a beat on an idle 2-core machine, and the likely cause of the
+4 s gap that got a live job re-queued in a loaded CI run while the job was preparing),
+arbitrary C extensions, a collection of a large heap. A separate interpreter has its own
+lock, so only the operating system can delay it.
 
 Why the beats still stop when the run dies: the beater reads the run's end of a pipe (its
 stdin). A run that ends, crashes or is SIGKILLed closes that end, the beater reads EOF and
