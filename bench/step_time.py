@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     measure_steps(runners, batches, 1, args.warmup, sync, args.rematch_every)  # warm-up, discarded
     times = measure_steps(runners, batches, args.repeats, args.steps, sync,
                           args.rematch_every)
-    doc = build_report(args, hw, batch, os_, scale, times, overheads)
+    doc = build_report(args, hw, batch, os_, scale, times, overheads, amp_dtype)
     print(render(doc))
     out = args.out or f"bench/results/step_time_{device.type}.json"
     write_json(out, doc)
@@ -223,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_report(args: argparse.Namespace, hw: tuple[int, ...], batch: int, os_: int,
                  scale: Any, times: dict[str, list[float]],
-                 overheads: dict[str, Any]) -> dict[str, Any]:
+                 overheads: dict[str, Any],
+                 amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items()}
     doc: dict[str, Any] = {
         "machine": machine_facts(), "device": args.device, "hw": list(hw), "batch": batch,
         "output_stride": os_, "teacher": args.teacher or TEACHERS[args.scale],
-        "amp": "bf16" if scale.amp and args.device.startswith("cuda") else None,
+        "amp": "bf16" if amp_dtype == torch.bfloat16 else None,
         "student": args.student, "repeats": args.repeats, "steps_per_repeat": args.steps,
         "median_step_s": med, "all_step_s": times,
         "command": "python bench/step_time.py " + " ".join(sys.argv[1:]),

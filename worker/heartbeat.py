@@ -77,7 +77,6 @@ class Heartbeat:
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
         self._started_at = float("-inf")
-        self._lost = False
 
     def __enter__(self) -> Heartbeat:
         self._start()
@@ -97,13 +96,11 @@ class Heartbeat:
             proc.wait()
 
     def ownership_lost(self) -> bool:
-        """Whether the beater found the job no longer ours (restarts a beater that died)."""
-        if self._lost:
-            return True
+        """Whether the beater found the job no longer ours (restarts a beater that died;
+        one that exited with EXIT_LOST is never replaced, so its code stays the answer)."""
         proc = self._proc
         code = proc.poll() if proc is not None else None
         if code == EXIT_LOST:
-            self._lost = True
             return True
         if proc is not None and code is not None and not self._stopping:
             now = time.monotonic()
@@ -112,11 +109,6 @@ class Heartbeat:
                             self.order.job_id, code)
                 self._start()
         return False
-
-    @property
-    def pid(self) -> int | None:
-        """The beater's process id (for logs and tests)."""
-        return self._proc.pid if self._proc is not None else None
 
     def _start(self) -> None:
         self._started_at = time.monotonic()

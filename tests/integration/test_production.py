@@ -76,13 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, services_env: dict[str, st
         _unavailable("redis-server/redis-cli not on PATH (needed for a private Redis)")
     env = {**services_env, "PCD_DATABASE_URL": postgres_url,
            "PCD_STORAGE_URL": f"s3://{s3_settings['bucket']}"}
-    # Stale after 8 s, not the shared 4 s: when the heartbeat was a thread of the training
-    # process, the first job's preparing (loading libtorch) once starved it for more than 4 s
-    # on a loaded 2-core CI machine, so a live attempt was requeued. The beater is now a
-    # process of its own (worker/heartbeat.py); the margin stays for a host so loaded that
-    # the scheduler delays it. A SIGKILLed worker is still noticed in ~9 s.
-    with open_cluster(tmp_path_factory.mktemp("prod"), env,
-                      overrides={"PCD_HEARTBEAT_TIMEOUT_S": "8"}) as c:
+    with open_cluster(tmp_path_factory.mktemp("prod"), env) as c:
         yield c
 
 

@@ -122,13 +122,14 @@ def test_leaving_the_run_stops_the_beats(world, claimed) -> None:
 def test_a_beater_that_was_killed_is_started_again(world, claimed) -> None:
     job_id, beats = claimed
     with Heartbeat(_order(world, job_id)) as hb:
-        first = hb.pid
-        assert first is not None and _wait(lambda: len(beats()) >= 1)
+        assert hb._proc is not None
+        first = hb._proc.pid
+        assert _wait(lambda: len(beats()) >= 1)
         os.kill(first, signal.SIGKILL)
         assert _wait(lambda: hb._proc is not None and hb._proc.poll() is not None)
         time.sleep(INTERVAL_S)  # restarts are at most one per interval
         assert not hb.lost.is_set()  # the check that notices the death starts a new one
-        assert hb.pid not in (None, first)
+        assert hb._proc.pid != first
         count = len(beats())
         assert _wait(lambda: len(beats()) > count), "the new beater never beat"
 
@@ -143,7 +144,7 @@ def test_the_beats_stop_when_the_run_is_killed(world, claimed, tmp_path: Path) -
         hb = Heartbeat(BeatOrder({job_id!r}, {WORKER!r}, {world.settings.database_url!r},
                                  {INTERVAL_S}))
         hb.__enter__()
-        print(hb.pid, flush=True)
+        print(hb._proc.pid, flush=True)
         time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -175,7 +176,7 @@ def test_a_prestarted_beater_serves_the_next_job(world, claimed) -> None:
     spare = heartbeat._spare
     assert spare is not None
     with Heartbeat(_order(world, job_id)) as hb:
-        assert hb.pid == spare.pid and heartbeat._spare is None
+        assert hb._proc is spare and heartbeat._spare is None
         assert _wait(lambda: len(beats()) >= 1)
     assert spare.returncode == EXIT_STOPPED
 
