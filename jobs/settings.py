@@ -69,6 +69,12 @@ class Settings(BaseSettings):
     redispatch_after_s: float = Field(
         default=900.0, gt=0,
         description="seconds a queued job may wait unclaimed before the reaper re-sends it")
+    # A single-process run that shows no sign of progress (no progress report, evaluation,
+    # checkpoint or stop poll) for this long is ended with every thread's stack in its log,
+    # and re-queued like the job of a dead worker (worker/watchdog.py). 0 turns it off.
+    stall_timeout_s: float = Field(
+        default=1800.0, ge=0,
+        description="seconds without progress before a run is ended and re-queued; 0 = off")
     progress_interval_s: float = Field(
         default=1.0, ge=0, description="minimum seconds between progress writes of a run")
     # Redis redelivers an unacknowledged message after this: it must exceed any run's

@@ -20,6 +20,11 @@ can beat, while the claim's own timestamp is already ageing. Each Celery pool ch
 one beater ahead of its job (:func:`prestart`, from ``worker_process_init``); it loads its
 imports and then waits for its order, so the job's first beat follows the claim at once.
 
+Why the run writes to the pipe: a process that dies cannot record why. Anything the run
+writes after the order line is kept as its last words and, once the pipe closes, appended to
+the job log; the stall watchdog (worker/watchdog.py) writes the stack of every thread there
+before it ends a run that stopped making progress.
+
 The beater exits with :data:`EXIT_LOST` when a beat finds the job no longer owned by this
 worker (re-queued after a partition, cancelled, finished elsewhere); the run's
 ``should_stop`` then ends the local attempt without touching the row. It is started with
@@ -94,6 +99,13 @@ class Heartbeat:
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
+
+    def report_fd(self) -> int:
+        """The descriptor of the current beater's pipe, for the run's last words (see the
+        module docstring); a restarted beater has a new one, so ask again each time."""
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None, "the heartbeat is not running"
+        return proc.stdin.fileno()
 
     def ownership_lost(self) -> bool:
         """Whether the beater found the job no longer ours (restarts a beater that died;
@@ -170,23 +182,64 @@ def beat_until_told(order: BeatOrder, stdin_fd: int) -> int:
 
     Returns the exit code. A beat that fails (the database restarting, a locked SQLite
     file) is logged and retried at the next interval: the timeout allows several misses.
+    Bytes that arrive on ``stdin_fd`` are the run's last words: recorded when it ends.
     """
     row = JobRow(order.job_id, order.worker_id,
                  db.make_sessionmaker(db.make_engine(order.database_url)))
     parent = os.getppid()
+    last_words = bytearray()
+    next_beat = time.monotonic()
     while True:
-        try:
-            if not row.beat():
-                log.warning("job %s is no longer owned by worker %s", order.job_id,
-                            order.worker_id)
-                return EXIT_LOST
-        except Exception:
-            log.exception("a heartbeat of job %s failed; the next one retries", order.job_id)
-        readable, _, _ = select.select([stdin_fd], [], [], order.interval_s)
-        if readable and not os.read(stdin_fd, 4096):
+        if time.monotonic() >= next_beat:
+            next_beat = time.monotonic() + order.interval_s
+            try:
+                if not row.beat():
+                    log.warning("job %s is no longer owned by worker %s", order.job_id,
+                                order.worker_id)
+                    return EXIT_LOST
+            except Exception:
+                log.exception("a heartbeat of job %s failed; the next one retries",
+                              order.job_id)
+        wait = max(0.0, next_beat - time.monotonic())
+        readable, _, _ = select.select([stdin_fd], [], [], wait)
+        ended = False
+        if readable:
+            chunk = os.read(stdin_fd, 65536)
+            ended = not chunk
+            _keep(last_words, chunk)
+        if not ended and os.getppid() != parent:
+            # a forked helper of the run may hold the pipe open: take what is there
+            ended = True
+            while select.select([stdin_fd], [], [], 0)[0] and _keep(last_words,
+                                                                   os.read(stdin_fd, 65536)):
+                pass
+        if ended:
+            if last_words:
+                _record_last_words(row, bytes(last_words))
             return EXIT_STOPPED
-        if os.getppid() != parent:
-            return EXIT_STOPPED
+
+
+LAST_WORDS_LIMIT = 64 * 1024  # a dump of every thread's stack is a few KB
+
+
+def _keep(buffer: bytearray, chunk: bytes) -> bool:
+    """Append ``chunk`` up to the limit; False when it was empty (EOF)."""
+    room = LAST_WORDS_LIMIT - len(buffer)
+    if room > 0:
+        buffer += chunk[:room]
+    return bool(chunk)
+
+
+def _record_last_words(row: JobRow, data: bytes) -> None:
+    text = data.decode("utf-8", errors="replace").rstrip()
+    if text.startswith("Timeout ("):  # faulthandler's header: the stall watchdog fired
+        what = ("the stall watchdog ended the run: no sign of progress within the stall "
+                "timeout (PCD_STALL_TIMEOUT_S). The job is re-queued once its heartbeat is "
+                "stale and resumes from its last checkpoint. Where each thread was")
+    else:
+        what = "the run's process ended; its last words"
+    log.error("job %s: %s:\n%s", row.job_id, what, text)
+    row.log("error", f"{what}:\n{text}")
 
 
 def main() -> int:

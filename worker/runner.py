@@ -7,8 +7,9 @@ The Celery task only calls this (so tests call it without a broker). The order o
 2. Prepare: fetch the dataset and teacher into the cache, then validate them (teacher weights
    against the arch, the dataset's files) so a bad input fails in seconds as a *user* error,
    never retried.
-3. Train with callbacks that write progress to the row (throttled), upload checkpoints, and
-   stop cooperatively on cancel: the engine polls during the scoring pass, training,
+3. Train with callbacks that write progress to the row (throttled), upload checkpoints,
+   end the process of a run that stalls (worker/watchdog.py), and stop cooperatively on
+   cancel: the engine polls during the scoring pass, training,
    evaluations and between export formats, and the runner checks once more (unthrottled)
    before uploading, so a cancel that arrives before the upload never ends ``succeeded``.
    A re-run (attempt > 1) resumes from the row's checkpoint.
@@ -36,6 +37,7 @@ from worker import inputs, outputs
 from worker.heartbeat import BeatOrder, Heartbeat
 from worker.jobrow import JobRow, JobSnapshot, sessions_for
 from worker.progress import DbProgress
+from worker.watchdog import StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class RunContext:
     store: Any
     work_dir: Path
     progress: DbProgress
+    heartbeat: Heartbeat
 
 
 def execute_job(job_id: str, *, settings: Settings | None = None,
@@ -102,7 +105,7 @@ def _context(settings: Settings, row: JobRow, snap: JobSnapshot, beat: Heartbeat
     work.mkdir(parents=True, exist_ok=True)
     store = outputs.open_job_store(settings)
     progress = DbProgress(row, min_interval_s=settings.progress_interval_s, stop_flag=beat.lost)
-    ctx = RunContext(settings, row, snap, spec, store, work, progress)
+    ctx = RunContext(settings, row, snap, spec, store, work, progress, beat)
     progress.checkpoint_hook = lambda it, path: outputs.upload_checkpoint(ctx, it, path)
     return ctx
 
@@ -124,7 +127,9 @@ def _run(ctx: RunContext) -> str:
 
             # gpus=0 (the cpu queue) must not grab a GPU that happens to be on the host
             device = "cpu" if gpus == 0 else None
-            train.run(run_spec, out_dir, callbacks=[ctx.progress], resume=resume, device=device)
+            with StallWatchdog(ctx.settings.stall_timeout_s, ctx.heartbeat.report_fd) as dog:
+                train.run(run_spec, out_dir, callbacks=[dog, ctx.progress], resume=resume,
+                          device=device)
     except RunCancelled as exc:
         return _cancelled(ctx, f"cancelled at iteration {exc.iteration}")
     except Exception as exc:

@@ -1,0 +1,151 @@
+"""The stall watchdog (worker/watchdog.py): a run that stops showing signs of life is ended
+with its stacks in the job log, and the reaper re-queues it like the job of a dead worker.
+
+A firing watchdog ends its process, so every run that may stall runs in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from worker.reaper import reap_once
+from worker.runner import execute_job
+from worker.watchdog import StallWatchdog
+
+REPO = Path(__file__).resolve().parents[3]
+HELPERS = Path(__file__).resolve().parent
+
+
+def _python(script: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, **kwargs)  # type: ignore[call-overload]
+
+
+def test_signs_of_life_keep_the_run_and_silence_ends_it_with_its_stacks() -> None:
+    read_end, write_end = os.pipe()
+    run = _python(f"""
+        import time
+        from worker.watchdog import StallWatchdog
+
+        def stuck_in_a_deadlock():
+            time.sleep(60)
+
+        with StallWatchdog(1.0, lambda: {write_end}) as dog:
+            start = time.monotonic()
+            while time.monotonic() - start < 3.0:  # three timeouts, with a poll every 0.1 s
+                time.sleep(0.1)
+                dog.should_stop()
+            print(f"alive {{time.monotonic() - start:.2f}}", flush=True)
+            stuck_in_a_deadlock()
+    """, pass_fds=(write_end,))
+    os.close(write_end)
+    stacks = os.read(read_end, 65536).decode()
+    os.close(read_end)
+    assert run.returncode == 1, run.stderr  # faulthandler's exit
+    assert float(run.stdout.split()[1]) >= 3.0  # re-armed through three timeouts
+    assert stacks.startswith("Timeout (0:00:01)!"), stacks
+    assert "stuck_in_a_deadlock" in stacks
+
+
+def test_it_fires_while_the_stuck_thread_holds_the_interpreter_lock() -> None:
+    """The reason for faulthandler's C thread: a Python watchdog thread would wait for the
+    lock as long as the stuck call holds it (here one big-integer power, many seconds)."""
+    run = _python("""
+        from worker.watchdog import StallWatchdog
+
+        def stuck_holding_the_interpreter_lock():
+            return 3 ** 40_000_000
+
+        with StallWatchdog(1.0):
+            stuck_holding_the_interpreter_lock()
+            print("finished", flush=True)
+    """)
+    assert run.returncode == 1 and "finished" not in run.stdout, run.stdout
+    assert "stuck_holding_the_interpreter_lock" in run.stderr  # no pipe: stderr
+
+
+def test_leaving_the_watchdog_disarms_it() -> None:
+    run = _python("""
+        import time
+        from worker.watchdog import StallWatchdog
+
+        with StallWatchdog(0.5) as dog:
+            assert dog.armed
+        assert not dog.armed
+        time.sleep(1.5)
+        print("still here", flush=True)
+    """)
+    assert run.returncode == 0 and "still here" in run.stdout, run.stderr
+
+
+def test_a_zero_timeout_never_arms() -> None:
+    with StallWatchdog(0.0) as dog:
+        dog.should_stop()
+        dog.on_checkpoint(1, Path("x"))
+        assert not dog.armed
+
+
+def test_signs_of_life_rearm_at_most_once_per_twentieth_of_the_timeout(monkeypatch) -> None:
+    import faulthandler
+
+    now = [0.0]
+    armed: list[float] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later",
+                        lambda *a, **k: armed.append(now[0]))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later", lambda: None)
+    with StallWatchdog(100.0, lambda: 2, clock=lambda: now[0]) as dog:
+        for step in range(1, 21):
+            now[0] = step * 1.0  # a sign of life every second
+            dog.should_stop()
+    assert armed == [0.0, 5.0, 10.0, 15.0, 20.0]
+
+
+def test_a_stalled_job_is_logged_with_its_stacks_requeued_and_run_again(
+        world, dataset_dir, make_spec) -> None:
+    """The whole story through the runner: the engine stalls inside the run, the process
+    ends, the beater puts the stacks in the job log, the reaper re-queues the job, and the
+    next attempt runs it to the end."""
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=4))
+    run = _python(f"""
+        import sys, time
+        sys.path.insert(0, {str(HELPERS)!r})
+        from pathlib import Path
+        from worker_helpers import make_settings
+        from pcd_core import train
+        from pcd_core.progress import Progress
+        from worker.runner import execute_job
+
+        def stuck_in_the_data_loader():
+            time.sleep(60)
+
+        def stalls(spec, out_dir, callbacks=(), **kwargs):
+            for cb in callbacks:
+                cb.on_progress(Progress("training", 1, 4))
+            stuck_in_the_data_loader()
+
+        train.run = stalls
+        settings = make_settings(Path({str(world.root)!r}), stall_timeout_s=1.0)
+        execute_job({job_id!r}, settings=settings, worker_id="stalls")
+    """)
+    assert run.returncode == 1, run.stderr[-2000:]
+    deadline = time.monotonic() + 20
+    while "stall watchdog" not in world.logs(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the beater writes the log once it reads the end of the pipe
+    logs = world.logs(job_id)
+    assert "the stall watchdog ended the run" in logs, logs
+    assert "stuck_in_the_data_loader" in logs
+    job = world.job(job_id)
+    assert job.status == "running" and job.worker_id == "stalls"
+
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    sent: list[tuple[str, str]] = []
+    [reaped] = reap_once(world.settings, enqueue=lambda j, q: sent.append((j, q)))
+    assert reaped.outcome == "requeued" and sent == [(job_id, "cpu")]
+    assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded"
+    assert world.job(job_id).attempts == 2

@@ -1,0 +1,95 @@
+"""End a run that has stopped making progress: a stall watchdog fed by the engine's events.
+
+Why: the heartbeat proves that a run's process is alive, not that it is moving. A DataLoader
+worker deadlocked on a lock, a read from a hung network mount, a CUDA call that never returns:
+the process lives, beats, and holds its GPU for as long as nobody looks, which for a job
+submitted on Friday can be the whole weekend.
+
+How: :func:`faulthandler.dump_traceback_later` (the standard library) keeps a C thread that
+needs no interpreter lock, so it fires whatever the stuck thread holds. Every sign of life
+from the engine re-arms it: a progress report, an evaluation, a checkpoint, and each
+``should_stop`` poll (the engine polls before every scoring batch and every few training and
+evaluation batches, so a long evaluation is not a stall). When ``timeout_s`` pass without
+one, it writes the stack of every thread to the run's heartbeat pipe and ends the process at
+once (``os._exit(1)``: nothing else runs, because a stuck run cannot be trusted to clean
+up). From there the run is a dead worker like any other: its beater reads the stacks, puts
+them in the job log and exits, the heartbeat goes stale, and the reaper re-queues the job,
+which resumes from its last checkpoint (``max_attempts`` bounds the retries; the last one
+fails ``worker_lost``).
+
+Only single-process runs are watched. A multi-GPU run's process only supervises torchrun;
+ending it would orphan the ranks. A rank stuck while the others wait in a collective is
+ended by the process group's timeout (docs/DEPLOY.md).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pcd_core.progress import Callback, Progress
+
+# Re-arming starts a new C thread; doing it at most this often (a fraction of the timeout)
+# keeps the cost out of the training loop, and ends a stall between 95 % and 100 % of
+# ``timeout_s`` after the last sign of life.
+REARM_FRACTION = 0.05
+
+
+class StallWatchdog(Callback):
+    """A context manager around the engine's run, and one of its callbacks.
+
+    ``report_fd`` returns the descriptor the stacks go to when the watchdog fires (the
+    heartbeat's pipe, read again at each arming because a restarted beater has a new one).
+    ``timeout_s`` 0 turns the watchdog off.
+    """
+
+    def __init__(self, timeout_s: float, report_fd: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s = timeout_s
+        self._report_fd = report_fd or sys.stderr.fileno
+        self._clock = clock
+        self._armed_at: float | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._armed_at is not None
+
+    def __enter__(self) -> StallWatchdog:
+        if self.timeout_s > 0:
+            self._arm()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._armed_at is not None:
+            faulthandler.cancel_dump_traceback_later()
+            self._armed_at = None
+
+    # -- signs of life -------------------------------------------------------------------
+    def on_progress(self, progress: Progress) -> None:
+        self._alive()
+
+    def on_eval(self, iteration: int, metrics: Mapping[str, Any]) -> None:
+        self._alive()
+
+    def on_checkpoint(self, iteration: int, path: Path) -> None:
+        self._alive()
+
+    def should_stop(self) -> bool:
+        self._alive()
+        return False
+
+    # -- internals ---------------------------------------------------------------------
+    def _alive(self) -> None:
+        if self._armed_at is None:
+            return
+        if self._clock() - self._armed_at >= self.timeout_s * REARM_FRACTION:
+            self._arm()
+
+    def _arm(self) -> None:
+        faulthandler.dump_traceback_later(self.timeout_s, repeat=False,
+                                          file=self._report_fd(), exit=True)
+        self._armed_at = self._clock()
