@@ -4,8 +4,10 @@ Why this small bridge instead of the engine's own CLI: the runner needs the run'
 evaluations and checkpoints *as they happen* (to write them to the job row and upload the
 checkpoints) and a way to ask for a cooperative stop. Ranks run in other processes, so the
 bridge is a file: rank 0's callbacks append JSON lines to ``--events`` (the runner tails it),
-and ``should_stop`` looks for ``--stop-file`` (the runner creates it on cancel). The engine
-broadcasts ``should_stop`` from rank 0, so every rank stops at the same iteration.
+and ``should_stop`` looks for ``--stop-file`` (the runner creates it on cancel) and for the
+runner's process (``--supervisor-pid``). The engine broadcasts ``should_stop`` from rank 0, so
+every rank stops at the same iteration. Each rank runs under a stall watchdog
+(worker/watchdog.py) that writes its stacks to ``stall-rank<N>.txt`` in ``--out``.
 
     python -m torch.distributed.run --standalone --nproc_per_node=N -m worker.ddp_entry \
         --spec spec.json --out OUT --events events.jsonl --stop-file STOP [--resume CKPT]
@@ -22,14 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from pcd_core.progress import Callback, Progress, RunCancelled
+from worker.watchdog import StallWatchdog
 
 
 class JsonlCallback(Callback):
-    """Appends one JSON object per hook call to a file, flushed at once (the runner tails it)."""
+    """Appends one JSON object per hook call to a file, flushed at once (the runner tails it);
+    asks the ranks to stop when the stop file appears or the supervising process is gone."""
 
-    def __init__(self, events: Path, stop_file: Path) -> None:
+    def __init__(self, events: Path, stop_file: Path, supervisor_pid: int | None = None) -> None:
         self._fh = events.open("a", encoding="utf-8")
         self._stop_file = stop_file
+        self._supervisor_pid = supervisor_pid
 
     def _write(self, record: Mapping[str, Any]) -> None:
         self._fh.write(json.dumps(record, default=float) + "\n")
@@ -45,11 +50,27 @@ class JsonlCallback(Callback):
         self._write({"event": "checkpoint", "iteration": iteration, "path": str(path)})
 
     def should_stop(self) -> bool:
-        return self._stop_file.exists()
+        if self._stop_file.exists():
+            return True
+        return self._supervisor_pid is not None and not process_alive(self._supervisor_pid)
 
     def finish(self, record: Mapping[str, Any]) -> None:
         self._write(record)
         self._fh.close()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state follows the command name in /proc/<pid>/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=Path, required=True)
     parser.add_argument("--stop-file", type=Path, required=True)
     parser.add_argument("--resume", type=Path, default=None)
+    parser.add_argument("--supervisor-pid", type=int, default=None,
+                        help="stop like on a cancel when this process is gone")
+    parser.add_argument("--stall-timeout", type=float, default=0.0,
+                        help="seconds without progress before this rank ends (0: off)")
     args = parser.parse_args(argv)
 
     from pcd_core import train
@@ -66,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = RunSpec.model_validate_json(args.spec.read_text())
     rank = int(os.environ.get("RANK", "0"))
-    callback = JsonlCallback(args.events, args.stop_file) if rank == 0 else None
+    callback = (JsonlCallback(args.events, args.stop_file, args.supervisor_pid)
+                if rank == 0 else None)
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
-        result = train.run(spec, args.out, callbacks=[callback] if callback else [],
-                           resume=args.resume)
+        with (args.out / f"stall-rank{rank}.txt").open("w") as report, \
+                StallWatchdog(args.stall_timeout, report.fileno) as watchdog:
+            result = train.run(spec, args.out, resume=args.resume,
+                               callbacks=[watchdog, callback] if callback else [watchdog])
     except RunCancelled as exc:
         if callback:
             callback.finish({"event": "cancelled", "iteration": exc.iteration,

@@ -107,6 +107,13 @@ class Heartbeat:
         assert proc is not None and proc.stdin is not None, "the heartbeat is not running"
         return proc.stdin.fileno()
 
+    def say_last_words(self, text: str) -> None:
+        """Send ``text`` to the beater, which appends it to the job log when the run ends."""
+        data = text.encode()[:LAST_WORDS_LIMIT]
+        fd = self.report_fd()
+        while data:
+            data = data[os.write(fd, data):]
+
     def ownership_lost(self) -> bool:
         """Whether the beater found the job no longer ours (restarts a beater that died;
         one that exited with EXIT_LOST is never replaced, so its code stays the answer)."""

@@ -5,7 +5,10 @@ supervisor (heartbeat, cancel checks, uploads). The ranks run :mod:`worker.ddp_e
 rank 0 appends progress/eval/checkpoint events to a JSON-lines file; this module tails that
 file and replays each event on the runner's callbacks, so the database sees a multi-GPU job
 exactly as it sees a single-process one. Cancellation creates a stop file the ranks poll;
-if they do not stop within a grace period the process group is terminated.
+if they do not stop within a grace period the process group is terminated. torchrun runs in
+a session of its own (a Ctrl-C or a signal to the worker's group must not reach the ranks
+half-way through a checkpoint), so the ranks also poll for this process: if it dies, they
+stop as on a cancel rather than train on, unwatched, on GPUs the next attempt needs.
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pcd_core.progress import Callback, Progress, RunCancelled
+from worker.watchdog import RunStalled
 
 STOP_GRACE_S = 120.0  # a cooperative stop writes a checkpoint first; give it time
+STALL_REPORTS = "stall-rank*.txt"  # where each rank's watchdog writes (worker/ddp_entry.py)
 
 
 class DistributedRunError(RuntimeError):
@@ -36,11 +41,14 @@ class DistributedRunError(RuntimeError):
 
 
 def torchrun_argv(gpus: int, spec_file: Path, out_dir: Path, events: Path, stop_file: Path,
-                  resume: Path | None, python: str = sys.executable) -> list[str]:
+                  resume: Path | None, python: str = sys.executable, *,
+                  supervisor_pid: int | None = None, stall_timeout_s: float = 0.0) -> list[str]:
     """The command line (a function, so tests can check it without launching anything)."""
     argv = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
             "-m", "worker.ddp_entry", "--spec", str(spec_file), "--out", str(out_dir),
-            "--events", str(events), "--stop-file", str(stop_file)]
+            "--events", str(events), "--stop-file", str(stop_file),
+            "--supervisor-pid", str(supervisor_pid or os.getpid()),
+            "--stall-timeout", str(stall_timeout_s)]
     if resume is not None:
         argv += ["--resume", str(resume)]
     return argv
@@ -63,8 +71,10 @@ def replay(record: dict[str, Any], callbacks: Sequence[Callback]) -> None:
 
 
 def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequence[Callback],
-                    resume: Path | None = None, poll_s: float = 0.5) -> dict[str, Any]:
-    """Train under torchrun; returns the engine's final record. Raises like ``train.run``."""
+                    resume: Path | None = None, poll_s: float = 0.5,
+                    stall_timeout_s: float = 0.0) -> dict[str, Any]:
+    """Train under torchrun; returns the engine's final record. Raises like ``train.run``,
+    and :class:`~worker.watchdog.RunStalled` when a rank's stall watchdog ended the run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_file, events, stop_file = out_dir / "spec.json", out_dir / "events.jsonl", \
         out_dir / "STOP"
@@ -72,7 +82,10 @@ def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequenc
     events.write_text("")
     stop_file.unlink(missing_ok=True)
     log_file = out_dir / "torchrun.log"
-    argv = torchrun_argv(gpus, spec_file, out_dir, events, stop_file, resume)
+    for stale in out_dir.glob(STALL_REPORTS):  # an earlier run in this folder
+        stale.unlink()
+    argv = torchrun_argv(gpus, spec_file, out_dir, events, stop_file, resume,
+                         stall_timeout_s=stall_timeout_s)
     final: dict[str, Any] = {}
     stop_requested_at: float | None = None
     with log_file.open("wb") as log, events.open("r", encoding="utf-8") as tail:
@@ -105,6 +118,10 @@ def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequenc
         ckpt = final.get("checkpoint")
         raise RunCancelled(int(final.get("iteration", 0)), Path(ckpt) if ckpt else None)
     if proc.returncode != 0:
+        stacks = "\n".join(text for path in sorted(out_dir.glob(STALL_REPORTS))
+                           if (text := path.read_text(errors="replace").strip()))
+        if stacks:
+            raise RunStalled(stacks)
         raise DistributedRunError(proc.returncode, _tail(log_file))
     return final
 

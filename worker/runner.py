@@ -37,7 +37,7 @@ from worker import inputs, outputs
 from worker.heartbeat import BeatOrder, Heartbeat
 from worker.jobrow import JobRow, JobSnapshot, sessions_for
 from worker.progress import DbProgress
-from worker.watchdog import StallWatchdog
+from worker.watchdog import RunStalled, StallWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _run(ctx: RunContext) -> str:
             from worker.multigpu import run_distributed
 
             run_distributed(run_spec.model_dump_json(), out_dir, gpus, [ctx.progress],
-                            resume=resume)
+                            resume=resume, stall_timeout_s=ctx.settings.stall_timeout_s)
         else:
             from pcd_core import train
 
@@ -132,6 +132,13 @@ def _run(ctx: RunContext) -> str:
                           device=device)
     except RunCancelled as exc:
         return _cancelled(ctx, f"cancelled at iteration {exc.iteration}")
+    except RunStalled as exc:
+        # Recovered like a single-process stall: the beater records the ranks' stacks when
+        # this attempt ends, and the reaper re-queues the job once its heartbeat is stale.
+        ctx.heartbeat.say_last_words(exc.stacks)
+        outputs.cleanup(ctx, keep_checkpoints=True)
+        log.warning("job %s: a rank stalled; leaving the job to the reaper", ctx.snap.job_id)
+        return "stalled"
     except Exception as exc:
         if is_out_of_memory(exc):  # with the spec, so the message names the current values
             raise classify(exc, run_spec) from exc

@@ -17,9 +17,11 @@ them in the job log and exits, the heartbeat goes stale, and the reaper re-queue
 which resumes from its last checkpoint (``max_attempts`` bounds the retries; the last one
 fails ``worker_lost``).
 
-Only single-process runs are watched. A multi-GPU run's process only supervises torchrun;
-ending it would orphan the ranks. A rank stuck while the others wait in a collective is
-ended by the process group's timeout (docs/DEPLOY.md).
+A multi-GPU run is watched in each rank (worker/ddp_entry.py), not in the process that
+supervises torchrun: a rank's watchdog writes its stacks to a file of the run and ends the
+rank, torchrun ends the others, and the supervisor raises :class:`RunStalled` with the
+stacks; the runner hands them to the beater and leaves the row to the reaper, so both kinds
+of run recover the same way.
 """
 
 from __future__ import annotations
@@ -37,6 +39,14 @@ from pcd_core.progress import Callback, Progress
 # keeps the cost out of the training loop, and ends a stall between 95 % and 100 % of
 # ``timeout_s`` after the last sign of life.
 REARM_FRACTION = 0.05
+
+
+class RunStalled(Exception):
+    """A multi-GPU run whose rank's watchdog fired; ``stacks`` is what it wrote."""
+
+    def __init__(self, stacks: str) -> None:
+        super().__init__("a rank made no progress within the stall timeout")
+        self.stacks = stacks
 
 
 class StallWatchdog(Callback):

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +16,10 @@ import pytest
 
 from pcd_core.progress import Callback, Progress, RunCancelled
 from worker import multigpu
-from worker.ddp_entry import JsonlCallback
+from worker.ddp_entry import JsonlCallback, process_alive
+from worker.watchdog import RunStalled
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 class Rec(Callback):
@@ -39,6 +47,8 @@ def test_torchrun_argv(tmp_path: Path) -> None:
                         "--nproc_per_node=4"]
     assert argv[5:7] == ["-m", "worker.ddp_entry"]
     assert argv[-2:] == ["--resume", str(tmp_path / "r.pt")]
+    assert argv[argv.index("--supervisor-pid") + 1] == str(os.getpid())
+    assert argv[argv.index("--stall-timeout") + 1] == "0.0"
 
 
 def test_jsonl_roundtrip_replays_engine_callbacks(tmp_path: Path) -> None:
@@ -64,7 +74,7 @@ def test_jsonl_roundtrip_replays_engine_callbacks(tmp_path: Path) -> None:
 def _fake_torchrun(monkeypatch: pytest.MonkeyPatch, script: str) -> None:
     """Replace the torchrun command by a Python one-liner that plays the ranks' part."""
     def argv(gpus: int, spec: Path, out: Path, events: Path, stop: Path, resume: Any,
-             python: str = sys.executable) -> list[str]:
+             python: str = sys.executable, **_: Any) -> list[str]:
         return [python, "-c", script, str(events), str(stop)]
 
     monkeypatch.setattr(multigpu, "torchrun_argv", argv)
@@ -101,3 +111,125 @@ def test_run_distributed_failure_carries_log_tail(tmp_path: Path,
     with pytest.raises(multigpu.DistributedRunError) as info:
         multigpu.run_distributed("{}", tmp_path / "out", 2, [Rec()], poll_s=0.05)
     assert "rank 1 exploded" in info.value.tail
+
+
+def test_a_rank_stall_report_raises_run_stalled(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """What torchrun leaves when a rank's watchdog fired: a non-zero exit and that rank's
+    stacks in its report file (the others' files empty)."""
+    _fake_torchrun(monkeypatch, (
+        "import pathlib,sys\nout=pathlib.Path(sys.argv[1]).parent\n"
+        "(out/'stall-rank0.txt').write_text('')\n"
+        "(out/'stall-rank1.txt').write_text('Timeout (0:30:00)!\\n  File x, in read_batch\\n')\n"
+        "sys.exit(1)\n"))
+    with pytest.raises(RunStalled) as info:
+        multigpu.run_distributed("{}", tmp_path / "out", 2, [Rec()], poll_s=0.05)
+    assert info.value.stacks.startswith("Timeout (0:30:00)!") and "read_batch" in info.value.stacks
+
+
+def test_a_stall_report_left_by_an_earlier_run_does_not_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stall-rank0.txt").write_text("Timeout (0:30:00)!\n")
+    _fake_torchrun(monkeypatch, "import sys; print('rank 0 exploded'); sys.exit(1)")
+    with pytest.raises(multigpu.DistributedRunError):
+        multigpu.run_distributed("{}", tmp_path / "out", 2, [Rec()], poll_s=0.05)
+
+
+def test_a_rank_watchdog_writes_its_report_and_ends_the_rank(tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import time
+        from pcd_core import train
+        from worker import ddp_entry
+
+        def stuck_reading_a_batch(*args, **kwargs):
+            time.sleep(60)
+
+        train.run = stuck_reading_a_batch
+        ddp_entry.main(["--spec", "unused", "--out", {str(tmp_path)!r},
+                        "--events", {str(tmp_path / "events.jsonl")!r},
+                        "--stop-file", {str(tmp_path / "STOP")!r}, "--stall-timeout", "1"])
+    """).replace('"--spec", "unused"', '"--spec", ' + repr(str(tmp_path / "spec.json")))
+    from pcd_core.spec import RunSpec
+
+    sys.path.insert(0, str(REPO / "tests" / "unit" / "pcd_core"))
+    from train_helpers import spec_dict
+
+    (tmp_path / "spec.json").write_text(
+        RunSpec.model_validate(spec_dict(tmp_path / "data")).model_dump_json())
+    run = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 1, run.stderr[-2000:]
+    report = (tmp_path / "stall-rank0.txt").read_text()
+    assert report.startswith("Timeout (0:00:01)!") and "stuck_reading_a_batch" in report
+
+
+def test_process_alive_sees_the_living_the_dead_and_the_unreaped() -> None:
+    assert process_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while process_alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)  # exited but not waited for: a zombie
+    assert not process_alive(child.pid)
+    child.wait()
+    assert not process_alive(child.pid)
+
+
+@pytest.mark.slow
+def test_ranks_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    """The real torchrun, two CPU ranks on Gloo: SIGKILL the process that supervises them
+    (as a dead Celery pool child would be) and the ranks stop as on a cancel, instead of
+    training on, unwatched, in their own session."""
+    sys.path.insert(0, str(REPO / "tests" / "unit" / "pcd_core"))
+    from train_helpers import spec_dict, write_dataset
+
+    from pcd_core.spec import RunSpec
+
+    data = write_dataset(tmp_path / "data")
+    spec = spec_dict(data, iterations=100_000, log_every=1, checkpoint_every=100_000,
+                     eval_every=100_000, deterministic=False)
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from worker import multigpu
+        spec = {RunSpec.model_validate(spec).model_dump_json()!r}
+        multigpu.run_distributed(spec, Path({str(out)!r}), 2, [], poll_s=0.1)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env)
+    events = out / "events.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and '"phase": "training"' not in _text(events):
+        time.sleep(0.2)
+    assert '"phase": "training"' in _text(events), "the ranks never started training"
+    supervisor.send_signal(signal.SIGKILL)
+    supervisor.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and '"event": "cancelled"' not in _text(events):
+        time.sleep(0.2)
+    last = json.loads(_text(events).splitlines()[-1])
+    assert last["event"] == "cancelled", last
+    ranks = _processes_mentioning(str(out))
+    deadline = time.monotonic() + 60
+    while ranks and time.monotonic() < deadline:
+        time.sleep(0.2)
+        ranks = _processes_mentioning(str(out))
+    assert not ranks, f"still running: {ranks}"
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+def _processes_mentioning(needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmdline and process_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from worker.reaper import reap_once
 from worker.runner import execute_job
-from worker.watchdog import StallWatchdog
+from worker.watchdog import RunStalled, StallWatchdog
 
 REPO = Path(__file__).resolve().parents[3]
 HELPERS = Path(__file__).resolve().parent
@@ -149,3 +149,28 @@ def test_a_stalled_job_is_logged_with_its_stacks_requeued_and_run_again(
     assert reaped.outcome == "requeued" and sent == [(job_id, "cpu")]
     assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded"
     assert world.job(job_id).attempts == 2
+
+
+def test_a_stalled_rank_leaves_the_job_to_the_reaper_with_its_stacks(
+        world, dataset_dir, make_spec, monkeypatch) -> None:
+    """A multi-GPU run's supervisor survives its ranks' stall: it hands their stacks to the
+    beater and leaves the row alone, so the job is recovered as a single-process stall is."""
+    from worker import multigpu
+
+    spec = make_spec(f"file://{dataset_dir}", None)
+    spec["resources"] = {"gpus": 2, "queue": "gpu"}
+    job_id = world.submit(spec)
+
+    def stalls(*args: object, **kwargs: object) -> None:
+        raise RunStalled("Timeout (0:30:00)!\nThread 0x1 (most recent call first):\n"
+                         "  File \"loader.py\", line 9 in wait_for_a_batch_that_never_comes\n")
+
+    monkeypatch.setattr(multigpu, "run_distributed", stalls)
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "stalled"
+    logs = world.logs(job_id)
+    assert "the stall watchdog ended the run" in logs and "wait_for_a_batch_that" in logs, logs
+    job = world.job(job_id)
+    assert job.status == "running" and job.worker_id == "w1"
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    [reaped] = reap_once(world.settings, enqueue=lambda j, q: None)
+    assert reaped.outcome == "requeued"
