@@ -3,7 +3,8 @@
 Reproducibility: the loader owns a ``torch.Generator`` seeded with ``seed``; it drives the
 shuffle order and the per-worker base seeds (``base_seed + worker_id`` becomes each worker's
 torch seed, which the dataset's transforms draw from). :func:`seed_worker` also seeds
-``numpy.random`` and ``random`` in each worker, for any code that uses them.
+``numpy.random`` and ``random`` in each worker, for any code that uses them. Each worker
+dies with its run (:func:`die_with_parent`).
 
 Persistent workers (``num_workers > 0``) keep their RNG state across epochs: epoch ``e``'s
 augmentation is a deterministic function of the seed and of the epochs run before it in
@@ -12,7 +13,12 @@ the same loader, not of ``(seed, e)`` alone.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import random
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,10 +44,37 @@ def collate_pairs(batch: Sequence[Any]) -> Any:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed numpy and random from the worker's torch seed."""
+    """Seed numpy and random from the worker's torch seed."""
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, set by the DataLoader
     np.random.seed(seed)
     random.seed(seed)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this loader worker when the process that started it dies.
+
+    Why: torch's workers notice a dead parent only between items, so a worker that is
+    blocked (a hung read, a deadlock) or stopped outlives a run that is killed or ended by a
+    stall watchdog (``os._exit``: no cleanup), holding memory on the node for good. Linux
+    only (``prctl``); elsewhere a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = multiprocessing.parent_process()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # best effort: the worker still exits between items once the parent is gone
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(0)  # the parent died before the request took effect
+
+
+def init_worker(worker_id: int) -> None:
+    """``worker_init_fn``: die with the run, then seed (see the two functions)."""
+    die_with_parent()
+    seed_worker(worker_id)
 
 
 def build_loader(
@@ -67,7 +100,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         generator=generator,
-        worker_init_fn=seed_worker,
+        worker_init_fn=init_worker,
         collate_fn=collate_pairs,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,

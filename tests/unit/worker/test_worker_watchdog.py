@@ -7,6 +7,7 @@ A firing watchdog ends its process, so every run that may stall runs in a subpro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
+from worker.ddp_entry import process_alive
 from worker.reaper import reap_once
 from worker.runner import execute_job
 from worker.watchdog import RunStalled, StallWatchdog
@@ -174,3 +178,65 @@ def test_a_stalled_rank_leaves_the_job_to_the_reaper_with_its_stacks(
     world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
     [reaped] = reap_once(world.settings, enqueue=lambda j, q: None)
     assert reaped.outcome == "requeued"
+
+
+@pytest.mark.slow
+def test_a_run_whose_loader_worker_is_stopped_is_ended_and_its_worker_killed(
+        world, dataset_dir, make_spec, tmp_path: Path) -> None:
+    """A real stall, nothing replaced: the run's DataLoader worker is SIGSTOPped mid-training
+    (torch's loader waits for a stopped worker forever: it is alive). The watchdog ends the
+    run, the stacks show it waiting on the loader, the stopped worker dies with its run
+    (pcd_core.data.loader.die_with_parent), and the reaper re-queues the job."""
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=100_000,
+                                    num_workers=1, checkpoint_every=2, eval_every=100_000))
+    run = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(HELPERS)!r})
+        from pathlib import Path
+        from worker_helpers import make_settings
+        from worker.runner import execute_job
+
+        settings = make_settings(Path({str(world.root)!r}), stall_timeout_s=3.0)
+        execute_job({job_id!r}, settings=settings, worker_id="stalls")
+    """)], cwd=REPO, stderr=(tmp_path / "run.err").open("w"))  # not a pipe the worker holds
+    try:
+        deadline = time.monotonic() + 180
+        while (world.job(job_id).checkpoint_iteration or 0) < 2:
+            assert run.poll() is None and time.monotonic() < deadline, "never checkpointed"
+            time.sleep(0.2)
+        loaders = [pid for pid in _children(run.pid)
+                   if b"worker.heartbeat" not in _cmdline(pid)]
+        assert loaders, "the run has no loader worker"
+        for pid in loaders:
+            os.kill(pid, signal.SIGSTOP)
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1, (tmp_path / "run.err").read_text()[-2000:]
+    deadline = time.monotonic() + 20
+    while "stall watchdog" not in world.logs(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logs = world.logs(job_id)
+    assert "the stall watchdog ended the run" in logs and "dataloader.py" in logs, logs
+    deadline = time.monotonic() + 20
+    while any(process_alive(pid) for pid in loaders) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(process_alive(pid) for pid in loaders), "the stopped worker outlived its run"
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    [reaped] = reap_once(world.settings, enqueue=lambda j, q: None)
+    assert reaped.outcome == "requeued" and world.job(job_id).checkpoint_iteration >= 2
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
