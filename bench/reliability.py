@@ -1,7 +1,8 @@
-"""Reliability under worker death: SIGKILL the worker running a job, N times, and count.
+"""Reliability under worker death or a stalled run: N faults, N jobs, and count.
 
-    python bench/reliability.py                  # N = 10
+    python bench/reliability.py                  # N = 10 SIGKILLs of a worker node
     python bench/reliability.py --n 5 --iterations 40 --checkpoint-every 10
+    python bench/reliability.py --fault stall --n 5   # SIGSTOP the run's DataLoader worker
 
 The cluster is the integration tests' (tests/integration/_procs.py): a uvicorn API and two
 Celery workers (prefork, one child each, separate work/cache folders as separate nodes would
@@ -13,7 +14,12 @@ one, a reaper pass every 1 s in each worker (production: 10 s / 120 s / 30 s).
 Each round submits a tiny PCD job, waits for its first S3 checkpoint plus a random number of
 further iterations (0 to ``checkpoint_every - 1``), SIGKILLs the whole process group of the
 worker that owns the job (parent and child: a dead node, no cleanup), restarts that worker
-at once (a node coming back), and follows the job to its end. Per round it records:
+at once (a node coming back), and follows the job to its end. With ``--fault stall`` the
+job reads its batches through one DataLoader worker, and the round SIGSTOPs that worker
+instead (the run waits for it forever: it is alive), leaving the node up: the stall
+watchdog (``PCD_STALL_TIMEOUT_S``, ``--stall-timeout``) must end the run, the stopped worker
+must die with it (``orphans`` counts those that did not), and the reaper must re-queue the
+job. Per round it records:
 
 - lost: the job did not end ``succeeded`` within ``--deadline`` (failed, or still going);
 - duplicated: ``succeeded`` twice in the history, an artifact listed twice or stored in S3
@@ -23,7 +29,7 @@ at once (a node coming back), and follows the job to its end. Per round it recor
 - extra iterations: the iteration the row showed at the kill minus the checkpoint iteration
   attempt 2 resumed from (work done twice). The row's iteration is written at most every
   ``PCD_PROGRESS_INTERVAL_S`` (0.2 s), so this is a lower bound by at most that much work;
-- recovery times from the kill (database timestamps; the database runs on this host):
+- recovery times from the kill or stop (database timestamps; the database runs on this host):
   ``detect`` (the reaper re-queued it), ``reclaim`` (a worker claimed attempt 2),
   ``caught_up`` (attempt 2's row passed the iteration of the kill: the lost work is redone)
   and ``done`` (succeeded).
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import random
 import re
 import signal
@@ -63,7 +70,7 @@ RESULTS = REPO / "bench" / "results" / "reliability.json"
 TERMINAL = ("succeeded", "failed", "cancelled")
 TIMER_SETTINGS = ("PCD_HEARTBEAT_INTERVAL_S", "PCD_HEARTBEAT_TIMEOUT_S",
                   "PCD_REAPER_INTERVAL_S", "PCD_PROGRESS_INTERVAL_S", "PCD_MAX_ATTEMPTS",
-                  "PCD_REDISPATCH_AFTER_S")
+                  "PCD_REDISPATCH_AFTER_S", "PCD_STALL_TIMEOUT_S")
 
 
 @dataclass
@@ -87,6 +94,9 @@ class Round:
     duplicated: bool
     duplicate_reasons: list[str]
     round_s: float
+    fault: str = "kill"
+    stalls_logged: int = 0  # attempts whose stacks the stall watchdog put in the job log
+    orphans: int = 0  # stopped loader workers still alive after the job ended
 
 
 def _log(client: PcdClient, job_id: str) -> str:
@@ -118,8 +128,9 @@ def _stored_keys(cluster: Cluster, job_id: str) -> list[str]:
 def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str, str],
               args: argparse.Namespace, rng: random.Random) -> Round:
     t0 = time.monotonic()
-    job = client.submit(job_spec(inputs, f"kill-{index}", iterations=args.iterations,
-                                 checkpoint_every=args.checkpoint_every))
+    loaders = 1 if args.fault == "stall" else 0
+    job = client.submit(job_spec(inputs, f"{args.fault}-{index}", iterations=args.iterations,
+                                 checkpoint_every=args.checkpoint_every, num_workers=loaders))
     job_id, db = job["id"], cluster.database_url
     first = wait_for(lambda: _row(db, job_id, "checkpoint_iteration")[0], 180,
                      "a first checkpoint")
@@ -128,13 +139,23 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
     wait_for(lambda: (_row(db, job_id, "iteration")[0] or 0) >= target, 90,
              f"iteration {target}", poll=0.05)
     (worker_id,) = _row(db, job_id, "worker_id")
-    victim = cluster.owner_of(int(str(worker_id).split(":")[1])) if worker_id else None
+    run_pid = int(str(worker_id).split(":")[1]) if worker_id else 0
+    victim = cluster.owner_of(run_pid) if worker_id else None
     if victim is None:
         raise RuntimeError(f"round {index}: no live owner for worker id {worker_id}")
-    cluster.signal(victim, signal.SIGKILL)
+    stopped: list[int] = []
+    if args.fault == "stall":
+        stopped = _loader_workers(run_pid)
+        if not stopped:
+            raise RuntimeError(f"round {index}: the run (pid {run_pid}) has no loader worker")
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+    else:
+        cluster.signal(victim, signal.SIGKILL)
     t_kill = datetime.now(timezone.utc)
     killed_at, ckpt_at_kill = _row(db, job_id, "iteration, checkpoint_iteration")
-    cluster.start_worker(victim)
+    if args.fault == "kill":
+        cluster.start_worker(victim)
 
     caught_up: datetime | None = None
 
@@ -175,6 +196,9 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
         ("checkpoints left in S3", any("/checkpoints/" in k for k in keys)),
     ) if bad]
     cluster.wait_worker_ready(victim)
+    orphans = [pid for pid in stopped if _alive(pid)]
+    for pid in orphans:  # counted; do not leave them to the next round
+        os.kill(pid, signal.SIGKILL)
     return Round(
         index, job_id, done["status"], done["attempts"], victim, int(killed_at),
         int(ckpt_at_kill or 0), resumed_from,
@@ -182,7 +206,32 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
         _since(detect, t_kill), _since(reclaim, t_kill), _since(caught_up, t_kill),
         _since(finished, t_kill), lost=done["status"] != "succeeded",
         duplicated=bool(reasons), duplicate_reasons=reasons,
-        round_s=round(time.monotonic() - t0, 1))
+        round_s=round(time.monotonic() - t0, 1), fault=args.fault,
+        stalls_logged=text.count("the stall watchdog ended the run"), orphans=len(orphans))
+
+
+def _loader_workers(pid: int) -> list[int]:
+    """The child processes of the run ``pid`` other than its heartbeat (Linux /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return [c for c in children if b"worker.heartbeat" not in _cmdline(c)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped (a zombie waiting to be reaped counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _stats(values: list[float | None]) -> dict[str, float | None]:
@@ -205,6 +254,8 @@ def summarise(rounds: list[Round]) -> dict[str, Any]:
         "reclaim_s": _stats([r.reclaim_s for r in rounds]),
         "caught_up_s": _stats([r.caught_up_s for r in rounds]),
         "done_s": _stats([r.done_s for r in rounds]),
+        "stalls_logged": sum(r.stalls_logged for r in rounds),
+        "orphans": sum(r.orphans for r in rounds),
     }
 
 
@@ -228,7 +279,10 @@ def print_table(rounds: list[Round], summary: dict[str, Any], args: argparse.Nam
           f"resumed: {s['resumed']}  extra iterations per resume: mean "
           f"{s['extra_iterations_mean']}, max {s['extra_iterations_max']} "
           f"(checkpoint every {args.checkpoint_every})")
-    print("seconds after the kill (median / max): "
+    if args.fault == "stall":
+        print(f"stalls logged with their stacks: {s['stalls_logged']}  stopped loader workers "
+              f"left alive: {s['orphans']}")
+    print(f"seconds after the {'stop' if args.fault == 'stall' else 'kill'} (median / max): "
           + "  ".join(f"{k[:-2]} {s[k]['median']} / {s[k]['max']}"
                       for k in ("detect_s", "reclaim_s", "caught_up_s", "done_s")))
 
@@ -241,8 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=180,
                         help="seconds a killed job gets to finish")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--fault", choices=("kill", "stall"), default="kill",
+                        help="SIGKILL the worker node, or SIGSTOP the run's loader worker")
+    parser.add_argument("--stall-timeout", type=float, default=5.0,
+                        help="PCD_STALL_TIMEOUT_S of the cluster (default 5 s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/reliability.json (reliability_stall.json "
+                             "with --fault stall)")
     args = parser.parse_args(argv)
+    args.out = args.out or (RESULTS if args.fault == "kill"
+                            else RESULTS.with_name("reliability_stall.json"))
     rng = random.Random(args.seed)
     rounds: list[Round] = []
     t0 = time.monotonic()
@@ -250,14 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine_facts(services.get("PCD_DATABASE_URL"))
     with tempfile.TemporaryDirectory(prefix="pcd-reliability-") as tmp:
         root = Path(tmp)
-        with open_cluster(root / "cluster", services) as cluster:
+        overrides = ({"PCD_STALL_TIMEOUT_S": str(args.stall_timeout)} if args.fault == "stall"
+                     else {})
+        with open_cluster(root / "cluster", services, overrides=overrides) as cluster:
             timers = {k: cluster.env.get(k) for k in TIMER_SETTINGS}
             inputs = upload_inputs(cluster, root / "inputs")
             with PcdClient(cluster.url, cluster.api_key) as client:
                 for i in range(args.n):
                     rounds.append(one_round(i, cluster, client, inputs, args, rng))
                     r = rounds[-1]
-                    print(f"round {i}: {r.status} attempts={r.attempts} killed@"
+                    print(f"round {i}: {r.status} attempts={r.attempts} {args.fault}@"
                           f"{r.killed_at_iteration} resumed@{r.resumed_from} "
                           f"done {r.done_s}s after the kill", flush=True)
     summary = summarise(rounds)
@@ -268,12 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rounds": [asdict(r) for r in rounds],
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "timers": timers, "workers": 2, "job": "tiny PCD, 32x48, batch 2, cpu"},
+                   "timers": timers, "workers": 2, "job": "tiny PCD, 32x48, batch 2, cpu"
+                   + (", 1 DataLoader worker" if args.fault == "stall" else "")},
         "wall_s": round(time.monotonic() - t0, 1),
         "machine": facts,
     })
     print(f"wrote {out}")
-    return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
+    ok = summary["lost"] == 0 and summary["duplicated"] == 0 and summary["orphans"] == 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
