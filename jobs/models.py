@@ -129,7 +129,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     user_error: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)  # claims so far
-    max_attempts: Mapped[int] = mapped_column(Integer, default=3)  # frozen at submission
+    # set at submission; each drain (jobs.runs.release_job) adds one, never a failure
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     infra_retries: Mapped[int] = mapped_column(Integer, default=0)  # re-queues by the reaper
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     worker_id: Mapped[str | None] = mapped_column(String(200))

@@ -204,8 +204,9 @@ def requeue_or_fail(session: Session, job: Job, *, max_attempts: int | None = No
       caller re-dispatches it after commit and the next attempt resumes from the checkpoint.
     - ``running`` with no attempts left -> ``failed`` with ``worker_lost``.
 
-    ``max_attempts`` defaults to the row's (fixed at submission). Returns what happened, or
-    None when the job had already moved (another reaper, or the worker itself, was first).
+    ``max_attempts`` defaults to the row's (set at submission, plus one per drain). Returns
+    what happened, or None when the job had already moved (another reaper, or the worker
+    itself, was first).
     User errors never reach here: they fail the job directly and are not retried.
     """
     why = reason or f"no heartbeat from worker {job.worker_id} since {job.heartbeat_at}"
@@ -229,6 +230,25 @@ def requeue_or_fail(session: Session, job: Job, *, max_attempts: int | None = No
         return None
 
 
+def release_job(session: Session, job: Job, worker_id: str, reason: str) -> bool:
+    """Hand a job back to the queue because its worker is shutting down (a drain), not
+    because it failed: ``running -> queued``, and ``max_attempts`` one higher, so that drains
+    (rolling upgrades, preemptions) never use up the retries meant for lost workers.
+
+    Only the owner may release: False (nothing changed) when ``worker_id`` no longer holds
+    the job or it is not ``running`` (a cancel that arrived meanwhile wins). The caller
+    re-dispatches after commit; the next attempt resumes from the row's checkpoint.
+    """
+    if job.status != state.RUNNING or job.worker_id != worker_id:
+        return False
+    try:
+        state.transition(session, job, state.QUEUED, f"released: {reason}",
+                         max_attempts=job.max_attempts + 1, phase=None)
+    except state.InvalidTransition:
+        return False
+    return True
+
+
 __all__ = [
     "append_log",
     "append_metrics",
@@ -241,5 +261,6 @@ __all__ = [
     "record_artifact",
     "record_checkpoint",
     "record_progress",
+    "release_job",
     "requeue_or_fail",
 ]

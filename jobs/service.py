@@ -60,6 +60,7 @@ from jobs.runs import (
     record_artifact,
     record_checkpoint,
     record_progress,
+    release_job,
     requeue_or_fail,
 )
 from jobs.settings import get_settings
@@ -86,7 +87,8 @@ def create_job(session: Session, team: Team, spec: JobSpec, idempotency_key: str
     ``created=False``; a different body raises ``IdempotencyConflict``. Two concurrent
     requests with one key cannot both create: the second insert fails on the key's primary
     key, and then (after rolling back the session's transaction) the first job is returned.
-    ``max_attempts`` defaults to ``Settings.max_attempts`` and is frozen on the row.
+    ``max_attempts`` defaults to ``Settings.max_attempts`` and is kept on the row (settings
+    changed later do not apply; a drain adds one: ``release_job``).
     The caller commits, then enqueues ``job.id`` on ``job.queue``.
     """
     team_id = team.id
@@ -332,6 +334,7 @@ __all__ = [
     "record_artifact",
     "record_checkpoint",
     "record_progress",
+    "release_job",
     "request_cancel",
     "requeue_or_fail",
     "revoke_api_key",

@@ -98,6 +98,25 @@ def _start_reaper(sender: Any = None, **_: Any) -> None:
     start_reaper_thread(get_settings())
 
 
+@signals.worker_init.connect
+def _not_draining(**_: Any) -> None:
+    """A worker that starts is not draining (its pid may be a dead worker's)."""
+    from worker.drain import clear_drain
+
+    clear_drain(get_settings())
+
+
+@signals.worker_shutting_down.connect
+def _drain_on_warm_shutdown(how: str | None = None, **_: Any) -> None:
+    """SIGTERM (Celery's warm shutdown): running jobs checkpoint and go back to the queue
+    instead of holding the shutdown for hours (worker/drain.py). A cold shutdown (SIGQUIT)
+    ends them at once; the reaper recovers them from their stale heartbeat."""
+    if how == "Warm":
+        from worker.drain import request_drain
+
+        request_drain(get_settings())
+
+
 @signals.worker_process_init.connect
 def _fresh_db_in_child(**_: Any) -> None:
     """A forked child must not share the parent's pooled DB connections (SQLite/psycopg)."""

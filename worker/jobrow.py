@@ -154,6 +154,15 @@ class JobRow:
             service.record_artifact(s, self._load(s), name=name, kind=kind, uri=uri, size=size,
                                     sha256=sha256, key=key)
 
+    def release(self, reason: str) -> str | None:
+        """Hand the job back to the queue (this worker is draining); returns its queue, or
+        None when the job is no longer ours to release (lost, or cancelled meanwhile)."""
+        with self.session() as s:
+            job = self._load(s)
+            if not service.release_job(s, job, self.worker_id, reason):
+                return None
+            return job.queue
+
     def finish(self, status: str, message: str | None = None) -> None:
         """``succeeded`` or ``cancelled`` through the state machine."""
         if status != "succeeded":

@@ -52,16 +52,19 @@ class StopFlag(Protocol):
 
 
 class DbProgress(Callback):
-    """Writes progress/metrics/log lines to the row; answers ``should_stop`` from the row."""
+    """Writes progress/metrics/log lines to the row; answers ``should_stop`` from the row
+    (a cancel), the heartbeat (``stop_flag``: the job was lost) and the worker (``drain``:
+    it is shutting down, see worker/drain.py)."""
 
     def __init__(self, row: JobRow, *, min_interval_s: float = 1.0,
                  on_checkpoint: Callable[[int, Path], None] | None = None,
-                 stop_flag: StopFlag | None = None,
+                 stop_flag: StopFlag | None = None, drain: StopFlag | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.row = row
         self.min_interval_s = min_interval_s
         self.checkpoint_hook = on_checkpoint
         self.stop_flag: StopFlag = stop_flag or threading.Event()
+        self.drain: StopFlag = drain or threading.Event()
         self._clock = clock
         self._last_write = -1e9
         self._last_phase: str | None = None
@@ -103,7 +106,7 @@ class DbProgress(Callback):
                          lambda: hook(iteration, path))
 
     def should_stop(self) -> bool:
-        if self.stop_flag.is_set():
+        if self.stop_flag.is_set() or self.drain.is_set():
             return True
         now = self._clock()
         if not self._cancel and now - self._last_cancel_check >= self.min_interval_s:

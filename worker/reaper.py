@@ -87,7 +87,7 @@ def _recover_lost_workers(settings: Settings, now: datetime
     with db.session_scope(sessions_for(settings)) as session:
         for job in service.find_stale_jobs(session, cutoff):
             last_beat, worker = job.heartbeat_at, job.worker_id  # a re-queue clears both
-            # max_attempts is the row's, fixed at submission (settings may have changed since)
+            # max_attempts is the row's (set at submission, plus one per drain), not settings
             outcome = service.requeue_or_fail(session, job)
             if outcome is None:
                 continue  # another reaper (or the worker itself) got there first

@@ -34,6 +34,7 @@ from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from pcd_core.progress import RunCancelled
 from worker import inputs, outputs
+from worker.drain import DrainRequested
 from worker.heartbeat import BeatOrder, Heartbeat
 from worker.jobrow import JobRow, JobSnapshot, sessions_for
 from worker.progress import DbProgress
@@ -104,7 +105,8 @@ def _context(settings: Settings, row: JobRow, snap: JobSnapshot, beat: Heartbeat
     work = Path(settings.work_dir).expanduser().resolve() / "runs" / snap.job_id
     work.mkdir(parents=True, exist_ok=True)
     store = outputs.open_job_store(settings)
-    progress = DbProgress(row, min_interval_s=settings.progress_interval_s, stop_flag=beat.lost)
+    progress = DbProgress(row, min_interval_s=settings.progress_interval_s, stop_flag=beat.lost,
+                          drain=DrainRequested(settings))
     ctx = RunContext(settings, row, snap, spec, store, work, progress, beat)
     progress.checkpoint_hook = lambda it, path: outputs.upload_checkpoint(ctx, it, path)
     return ctx
@@ -155,15 +157,37 @@ def _run(ctx: RunContext) -> str:
 
 
 def _cancelled(ctx: RunContext, message: str) -> str:
-    """End a stopped run: ``cancelled`` (nothing uploaded), or ``lost`` when the stop came
-    from losing the job to another worker (then the row is not ours to touch)."""
+    """End a stopped run: ``cancelled`` (nothing uploaded); ``lost`` when the stop came
+    from losing the job to another worker (then the row is not ours to touch); ``released``
+    when this worker is draining and nobody asked for a cancel."""
     if ctx.progress.stop_flag.is_set():
         ctx.row.log("warning", "run stopped: job no longer owned by this worker")
         return "lost"
+    if ctx.progress.drain.is_set() and not ctx.progress.cancel_requested_now():
+        return _released(ctx)
     ctx.row.log("info", message)
     outputs.cleanup(ctx, keep_checkpoints=False)
     ctx.row.finish("cancelled", message=message)
     return "cancelled"
+
+
+def _released(ctx: RunContext) -> str:
+    """Hand the job back (worker/drain.py): its last checkpoint is uploaded and on the row,
+    so the next attempt, on whichever worker takes the re-sent message, resumes there."""
+    outputs.cleanup(ctx, keep_checkpoints=True)
+    at = ctx.progress.last_iteration
+    queue = ctx.row.release(f"worker {ctx.row.worker_id} is shutting down (iteration {at})")
+    if queue is None:  # cancelled or lost meanwhile: whoever changed the row decides
+        return "lost"
+    ctx.row.log("info", f"released at iteration {at}: this worker is shutting down; the "
+                        "job goes back to the queue and resumes from its last checkpoint")
+    try:
+        from worker.reaper import celery_enqueue
+
+        celery_enqueue(ctx.settings)(ctx.snap.job_id, queue)
+    except Exception:  # queued and unclaimed: the reaper re-sends it after redispatch_after_s
+        log.exception("job %s released but not re-dispatched", ctx.snap.job_id)
+    return "released"
 
 
 OOM_MARKERS = ("out of memory", "outofmemoryerror", "cublas_status_alloc_failed",

@@ -12,6 +12,8 @@ stories, in order:
   the trainers resume from S3, the lost message is re-sent by the reaper;
 - submit while Redis is down (201, ``/readyz`` says which dependency is down): the job runs
   once Redis is back, from the reaper's re-dispatch;
+- SIGTERM a worker mid-training (a node drain): the job is handed back at a fresh checkpoint
+  and resumes on the other worker without the reaper, the worker exits by itself;
 - restart the API mid-job (training goes on without it);
 - cancel during the scoring pass and during training;
 - 20 concurrent POSTs with one Idempotency-Key create one job; another body is a 409.
@@ -262,6 +264,41 @@ def test_sigkill_worker_mid_training_resumes_on_the_other(
                              ["metrics.json"].read_text())
         assert metrics["iterations"] == 40, metrics["iterations"]
     finally:  # back to two workers for the next stories, also when an assertion failed
+        cluster.start_worker(victim)
+        cluster.wait_worker_ready(victim)
+
+
+def test_sigterm_drains_the_worker_and_the_job_resumes_where_it_stopped(
+        cluster: Cluster, inputs: dict[str, str], client: PcdClient, tmp_path: Path) -> None:
+    """A node drain: SIGTERM to the worker's main process only (what an orchestrator sends).
+    The run checkpoints at once, the job goes back to the queue without waiting for the
+    reaper and without being charged an attempt, the worker exits by itself, and the other
+    worker resumes from the drain's checkpoint: no work lost."""
+    job = client.submit(job_spec(inputs, "drained", iterations=40))  # no periodic checkpoint
+    wait_training(client, job["id"], min_iteration=5)
+    worker_id, = row(cluster, job["id"], "worker_id")
+    victim = cluster.owner_of(int(str(worker_id).split(":")[1]))
+    assert victim in ("w1", "w2"), (worker_id, list(cluster.procs))
+    proc = cluster.procs.pop(victim)
+    os.kill(proc.pid, signal.SIGTERM)  # Celery's warm shutdown
+    try:
+        assert proc.wait(timeout=90) == 0, "the drained worker did not exit by itself"
+        done = wait_job(client, job["id"], timeout=150)
+        assert_ran_once(cluster, client, done, attempts=2)
+        text = log_text(client, job["id"])
+        released = re.findall(r"^released at iteration (\d+)", text, re.M)
+        resumed = re.findall(r"attempt 2: resuming from checkpoint at iteration (\d+)", text)
+        assert len(released) == 1 and resumed == released and int(released[0]) >= 5, text
+        assert "reaper:" not in text, text  # handed back, not recovered from a stale heartbeat
+        max_attempts, infra_retries = row(cluster, job["id"], "max_attempts, infra_retries")
+        assert max_attempts == int(cluster.env["PCD_MAX_ATTEMPTS"]) + 1 and infra_retries == 0
+        metrics = json.loads(assert_artifacts_intact(cluster, client, job["id"], tmp_path)
+                             ["metrics.json"].read_text())
+        assert metrics["iterations"] == 40, metrics["iterations"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
         cluster.start_worker(victim)
         cluster.wait_worker_ready(victim)
 

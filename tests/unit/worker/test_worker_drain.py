@@ -1,0 +1,87 @@
+"""A draining worker (worker/drain.py) hands its job back at a fresh checkpoint, and the next
+attempt resumes exactly there; runs through the real runner on a SQLite row, a file store
+and the filesystem broker."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from jobs import service
+from jobs.models import Job
+from worker.drain import DrainRequested, clear_drain, marker, request_drain
+from worker.runner import execute_job
+
+
+def _drain_when(world, job_id: str, iteration: int) -> threading.Thread:
+    """Mark this process's worker draining once the row shows ``iteration``."""
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while (world.job(job_id).iteration or 0) < iteration and time.monotonic() < deadline:
+            time.sleep(0.05)
+        request_drain(world.settings)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_marker_is_seen_and_cleared(world) -> None:
+    flag = DrainRequested(world.settings, min_interval_s=0.0)
+    assert not flag.is_set()
+    request_drain(world.settings)
+    assert marker(world.settings, os.getpid()).exists()
+    assert flag.is_set()
+    clear_drain(world.settings)
+    assert DrainRequested(world.settings, min_interval_s=0.0).is_set() is False
+
+
+def test_a_draining_worker_releases_the_job_and_the_next_attempt_resumes_there(
+        world, dataset_dir, make_spec) -> None:
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=120,
+                                    checkpoint_every=120))
+    watcher = _drain_when(world, job_id, 5)
+    try:
+        assert execute_job(job_id, settings=world.settings, worker_id="draining") == "released"
+    finally:
+        watcher.join(timeout=5)
+        clear_drain(world.settings)
+    job = world.job(job_id)
+    logs = world.logs(job_id)
+    assert job.status == "queued" and job.worker_id is None, logs
+    assert job.max_attempts == world.settings.max_attempts + 1  # the drain is not charged
+    released_at = job.checkpoint_iteration
+    assert released_at is not None and 5 <= released_at < 120, logs
+    assert f"released at iteration {released_at}" in logs
+    assert "not re-dispatched" not in logs
+    broker = Path(str(world.settings.broker_url).removeprefix("filesystem://"))
+    assert any(p.is_file() for p in broker.rglob("*")), "no message was re-sent"
+
+    assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded"
+    job = world.job(job_id)
+    assert job.attempts == 2 and job.infra_retries == 0
+    assert f"resuming from checkpoint at iteration {released_at}" in world.logs(job_id)
+
+
+def test_a_cancel_wins_over_a_drain(world, dataset_dir, make_spec) -> None:
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=120,
+                                    checkpoint_every=120))
+
+    def cancel_then_drain() -> None:
+        deadline = time.monotonic() + 120
+        while (world.job(job_id).iteration or 0) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with world.session() as s:
+            service.request_cancel(s, s.get(Job, job_id))
+        request_drain(world.settings)
+
+    thread = threading.Thread(target=cancel_then_drain, daemon=True)
+    thread.start()
+    try:
+        assert execute_job(job_id, settings=world.settings, worker_id="w1") == "cancelled"
+    finally:
+        thread.join(timeout=5)
+        clear_drain(world.settings)
+    assert world.job(job_id).status == "cancelled"
