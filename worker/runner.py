@@ -182,11 +182,13 @@ def _released(ctx: RunContext) -> str:
     ctx.row.log("info", f"released at iteration {at}: this worker is shutting down; the "
                         "job goes back to the queue and resumes from its last checkpoint")
     try:
-        from worker.reaper import celery_enqueue
+        from worker import reaper
 
-        celery_enqueue(ctx.settings)(ctx.snap.job_id, queue)
-    except Exception:  # queued and unclaimed: the reaper re-sends it after redispatch_after_s
+        reaper.celery_enqueue(ctx.settings)(ctx.snap.job_id, queue)
+    except Exception as exc:  # queued and unclaimed: the reaper re-sends it after a while
         log.exception("job %s released but not re-dispatched", ctx.snap.job_id)
+        ctx.row.log("warning", f"the job's message could not be re-sent ({type(exc).__name__}: "
+                               f"{exc}); the reaper re-sends it after PCD_REDISPATCH_AFTER_S")
     return "released"
 
 

@@ -290,6 +290,9 @@ def test_sigterm_drains_the_worker_and_the_job_resumes_where_it_stopped(
         resumed = re.findall(r"attempt 2: resuming from checkpoint at iteration (\d+)", text)
         assert len(released) == 1 and resumed == released and int(released[0]) >= 5, text
         assert "reaper:" not in text, text  # handed back, not recovered from a stale heartbeat
+        assert "could not be re-sent" not in text, text
+        for name in ("w1", "w2", "api"):  # the worker's own message, not the reaper's re-send
+            assert f"job {job['id']} re-dispatched" not in cluster.log_text(name), name
         max_attempts, infra_retries = row(cluster, job["id"], "max_attempts, infra_retries")
         assert max_attempts == int(cluster.env["PCD_MAX_ATTEMPTS"]) + 1 and infra_retries == 0
         metrics = json.loads(assert_artifacts_intact(cluster, client, job["id"], tmp_path)
