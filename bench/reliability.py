@@ -3,6 +3,7 @@
     python bench/reliability.py                  # N = 10 SIGKILLs of a worker node
     python bench/reliability.py --n 5 --iterations 40 --checkpoint-every 10
     python bench/reliability.py --fault stall --n 5   # SIGSTOP the run's DataLoader worker
+    python bench/reliability.py --fault drain --n 5   # SIGTERM the worker (a node drain)
 
 The cluster is the integration tests' (tests/integration/_procs.py): a uvicorn API and two
 Celery workers (prefork, one child each, separate work/cache folders as separate nodes would
@@ -19,7 +20,10 @@ job reads its batches through one DataLoader worker, and the round SIGSTOPs that
 instead (the run waits for it forever: it is alive), leaving the node up: the stall
 watchdog (``PCD_STALL_TIMEOUT_S``, ``--stall-timeout``) must end the run, the stopped worker
 must die with it (``orphans`` counts those that did not), and the reaper must re-queue the
-job. Per round it records:
+job. With ``--fault drain`` the round sends SIGTERM to the owning worker's main process
+only (what an orchestrator sends on a drain or a rolling update), waits for that worker to
+exit by itself (``drain_exit_s``), and starts it again: the job must be handed back at a
+fresh checkpoint and resumed elsewhere without the reaper. Per round it records:
 
 - lost: the job did not end ``succeeded`` within ``--deadline`` (failed, or still going);
 - duplicated: ``succeeded`` twice in the history, an artifact listed twice or stored in S3
@@ -96,6 +100,7 @@ class Round:
     round_s: float
     fault: str = "kill"
     stalls_logged: int = 0  # attempts whose stacks the stall watchdog put in the job log
+    drain_exit_s: float | None = None  # SIGTERM to the drained worker's exit
     orphans: int = 0  # stopped loader workers still alive after the job ended
 
 
@@ -150,11 +155,19 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
             raise RuntimeError(f"round {index}: the run (pid {run_pid}) has no loader worker")
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
+    elif args.fault == "drain":
+        drained = cluster.procs.pop(victim)
+        os.kill(drained.pid, signal.SIGTERM)  # the main process only: Celery's warm shutdown
     else:
         cluster.signal(victim, signal.SIGKILL)
     t_kill = datetime.now(timezone.utc)
     killed_at, ckpt_at_kill = _row(db, job_id, "iteration, checkpoint_iteration")
-    if args.fault == "kill":
+    drain_exit_s = None
+    if args.fault == "drain":
+        t_term = time.monotonic()
+        drained.wait(timeout=args.deadline)
+        drain_exit_s = round(time.monotonic() - t_term, 2)
+    if args.fault in ("kill", "drain"):
         cluster.start_worker(victim)
 
     caught_up: datetime | None = None
@@ -207,7 +220,8 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
         _since(finished, t_kill), lost=done["status"] != "succeeded",
         duplicated=bool(reasons), duplicate_reasons=reasons,
         round_s=round(time.monotonic() - t0, 1), fault=args.fault,
-        stalls_logged=text.count("the stall watchdog ended the run"), orphans=len(orphans))
+        stalls_logged=text.count("the stall watchdog ended the run"), orphans=len(orphans),
+        drain_exit_s=drain_exit_s)
 
 
 def _loader_workers(pid: int) -> list[int]:
@@ -255,6 +269,7 @@ def summarise(rounds: list[Round]) -> dict[str, Any]:
         "caught_up_s": _stats([r.caught_up_s for r in rounds]),
         "done_s": _stats([r.done_s for r in rounds]),
         "stalls_logged": sum(r.stalls_logged for r in rounds),
+        "drain_exit_s": _stats([r.drain_exit_s for r in rounds]),
         "orphans": sum(r.orphans for r in rounds),
     }
 
@@ -282,7 +297,11 @@ def print_table(rounds: list[Round], summary: dict[str, Any], args: argparse.Nam
     if args.fault == "stall":
         print(f"stalls logged with their stacks: {s['stalls_logged']}  stopped loader workers "
               f"left alive: {s['orphans']}")
-    print(f"seconds after the {'stop' if args.fault == 'stall' else 'kill'} (median / max): "
+    if args.fault == "drain":
+        print(f"drained worker exited by itself after (median / max): "
+              f"{s['drain_exit_s']['median']} / {s['drain_exit_s']['max']} s")
+    what = {"kill": "kill", "stall": "stop", "drain": "SIGTERM"}[args.fault]
+    print(f"seconds after the {what} (median / max): "
           + "  ".join(f"{k[:-2]} {s[k]['median']} / {s[k]['max']}"
                       for k in ("detect_s", "reclaim_s", "caught_up_s", "done_s")))
 
@@ -295,16 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=180,
                         help="seconds a killed job gets to finish")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fault", choices=("kill", "stall"), default="kill",
-                        help="SIGKILL the worker node, or SIGSTOP the run's loader worker")
+    parser.add_argument("--fault", choices=("kill", "stall", "drain"), default="kill",
+                        help="SIGKILL the worker node, SIGSTOP the run's loader worker, or "
+                             "SIGTERM the worker (a drain)")
     parser.add_argument("--stall-timeout", type=float, default=5.0,
                         help="PCD_STALL_TIMEOUT_S of the cluster (default 5 s)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="default bench/results/reliability.json (reliability_stall.json "
-                             "with --fault stall)")
+                        help="default bench/results/reliability.json "
+                             "(reliability_<fault>.json for the other faults)")
     args = parser.parse_args(argv)
     args.out = args.out or (RESULTS if args.fault == "kill"
-                            else RESULTS.with_name("reliability_stall.json"))
+                            else RESULTS.with_name(f"reliability_{args.fault}.json"))
     rng = random.Random(args.seed)
     rounds: list[Round] = []
     t0 = time.monotonic()

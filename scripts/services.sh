@@ -8,6 +8,9 @@
 #   scripts/services.sh down     stop only what this script started (pidfiles under var/)
 #   scripts/services.sh weed-server DATA_DIR S3_CONFIG
 #                                run one more SeaweedFS in the foreground (ports from the env)
+#   scripts/services.sh stale-weed
+#                                pids of SeaweedFS servers on our S3 port that serve a deleted
+#                                data directory (`up` stops them before anything else)
 #
 # `up` is idempotent and takes well under a second when everything already answers.
 # Logs go to stderr; stdout carries only `export NAME=value` lines, so
@@ -107,11 +110,15 @@ stale_weed_pids() {
   # A weed server on our S3 port whose data directory was deleted under it (say, with the
   # checkout that started it): it still answers, but its volume files are gone, so large
   # objects come back truncated. Seen as -dir missing or its open .dat files "(deleted)".
-  local pid dir
+  # The fd listing is read into a variable first: piped into `grep -q`, which exits at the
+  # first match, `ls` dies of SIGPIPE on a long listing, and under pipefail the match then
+  # reads as a miss (this check let a stale server through and broke later S3 reads).
+  local pid dir fds
   for pid in $(pgrep -f "weed server.*-s3.port=$S3_PORT" || true); do
-    dir=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^-dir=//p')
+    dir=$(tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | sed -n 's/^-dir=//p' || true)
     [ -n "$dir" ] || continue
-    if [ ! -d "$dir" ] || ls -l "/proc/$pid/fd" 2>/dev/null | grep -q "$dir/.*\.dat (deleted)"
+    fds=$(ls -l "/proc/$pid/fd" 2>/dev/null || true)
+    if [ ! -d "$dir" ] || grep -q "$dir/.*\.dat (deleted)" <<<"$fds"
     then echo "$pid"; fi
   done
 }
@@ -248,5 +255,7 @@ case "${1:-}" in
   status) cmd_status ;;
   env) print_env ;;
   weed-server) shift; cmd_weed_server "$@" ;;
-  *) echo "usage: $0 up|down|status|env|weed-server DATA_DIR S3_CONFIG" >&2; exit 2 ;;
+  stale-weed) stale_weed_pids ;;
+  *) echo "usage: $0 up|down|status|env|stale-weed|weed-server DATA_DIR S3_CONFIG" >&2
+     exit 2 ;;
 esac
