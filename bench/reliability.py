@@ -69,6 +69,7 @@ from _procs import Cluster, db_row, db_rows, open_cluster, services_up, wait_for
 from bench._common import write_json  # noqa: E402
 from bench._prodfacts import command_line, load_average, machine_facts  # noqa: E402
 from client.api import PcdClient  # noqa: E402
+from worker.procs import argv_of, child_pids, process_alive  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "reliability.json"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -209,7 +210,7 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
         ("checkpoints left in S3", any("/checkpoints/" in k for k in keys)),
     ) if bad]
     cluster.wait_worker_ready(victim)
-    orphans = [pid for pid in stopped if _alive(pid)]
+    orphans = [pid for pid in stopped if process_alive(pid)]
     for pid in orphans:  # counted; do not leave them to the next round
         os.kill(pid, signal.SIGKILL)
     return Round(
@@ -225,27 +226,8 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
 
 
 def _loader_workers(pid: int) -> list[int]:
-    """The child processes of the run ``pid`` other than its heartbeat (Linux /proc)."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return [c for c in children if b"worker.heartbeat" not in _cmdline(c)]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _alive(pid: int) -> bool:
-    """Running or stopped (a zombie waiting to be reaped counts as gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    """The child processes of the run ``pid`` other than its heartbeat."""
+    return [c for c in child_pids(pid) if "worker.heartbeat" not in argv_of(c)]
 
 
 def _stats(values: list[float | None]) -> dict[str, float | None]:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pcd_core.progress import Callback, Progress, RunCancelled
+from worker.procs import process_alive
 from worker.watchdog import StallWatchdog
 
 
@@ -57,20 +58,6 @@ class JsonlCallback(Callback):
     def finish(self, record: Mapping[str, Any]) -> None:
         self._write(record)
         self._fh.close()
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # Linux: the state follows the command name in /proc/<pid>/stat
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def main(argv: list[str] | None = None) -> int:

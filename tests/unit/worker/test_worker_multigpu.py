@@ -16,7 +16,8 @@ import pytest
 
 from pcd_core.progress import Callback, Progress, RunCancelled
 from worker import multigpu
-from worker.ddp_entry import JsonlCallback, process_alive
+from worker.ddp_entry import JsonlCallback
+from worker.procs import argv_of, process_alive
 from worker.watchdog import RunStalled
 
 REPO = Path(__file__).resolve().parents[3]
@@ -222,14 +223,6 @@ def _text(path: Path) -> str:
 
 
 def _processes_mentioning(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if needle in cmdline and process_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+            and needle in " ".join(argv_of(int(entry.name)))
+            and process_alive(int(entry.name))]

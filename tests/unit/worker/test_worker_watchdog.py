@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.ddp_entry import process_alive
+from worker.procs import argv_of, child_pids, process_alive
 from worker.reaper import reap_once
 from worker.runner import execute_job
 from worker.watchdog import RunStalled, StallWatchdog
@@ -204,8 +204,8 @@ def test_a_run_whose_loader_worker_is_stopped_is_ended_and_its_worker_killed(
         while (world.job(job_id).checkpoint_iteration or 0) < 2:
             assert run.poll() is None and time.monotonic() < deadline, "never checkpointed"
             time.sleep(0.2)
-        loaders = [pid for pid in _children(run.pid)
-                   if b"worker.heartbeat" not in _cmdline(pid)]
+        loaders = [pid for pid in child_pids(run.pid)
+                   if "worker.heartbeat" not in argv_of(pid)]
         assert loaders, "the run has no loader worker"
         for pid in loaders:
             os.kill(pid, signal.SIGSTOP)
@@ -226,17 +226,3 @@ def test_a_run_whose_loader_worker_is_stopped_is_ended_and_its_worker_killed(
     world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
     [reaped] = reap_once(world.settings, enqueue=lambda j, q: None)
     assert reaped.outcome == "requeued" and world.job(job_id).checkpoint_iteration >= 2
-
-
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(c) for c in (task / "children").read_text().split()]
-    return found
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""

@@ -1,0 +1,51 @@
+"""Facts about other processes of this host, read from ``/proc`` (Linux) where the standard
+library has no call: whether a pid still runs, and which processes a pid started.
+
+Used where a worker must notice that a process it depends on is gone (the ranks of a
+multi-GPU run watch their supervisor), and by the tests and benchmarks that stop or kill
+the processes of a run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs or is stopped (a zombie, dead but not yet reaped by its parent,
+    does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # Linux: the state follows the command name in /proc/<pid>/stat
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return not Path("/proc/self").exists()  # no /proc: os.kill's answer stands
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (of all its threads); empty when it is gone."""
+    children: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return children
+    for task in tasks:
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return children
+
+
+def argv_of(pid: int) -> list[str]:
+    """The arguments ``pid`` was started with; empty when it is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
