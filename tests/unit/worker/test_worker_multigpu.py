@@ -17,7 +17,7 @@ import pytest
 from pcd_core.progress import Callback, Progress, RunCancelled
 from worker import multigpu
 from worker.ddp_entry import JsonlCallback
-from worker.procs import argv_of, process_alive
+from worker.procs import argv_of, child_pids, process_alive
 from worker.watchdog import RunStalled
 
 REPO = Path(__file__).resolve().parents[3]
@@ -226,3 +226,68 @@ def _processes_mentioning(needle: str) -> list[int]:
     return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
             and needle in " ".join(argv_of(int(entry.name)))
             and process_alive(int(entry.name))]
+
+
+@pytest.mark.slow
+def test_a_rank_that_stalls_ends_the_run_with_its_stacks(tmp_path: Path) -> None:
+    """The real torchrun, two CPU ranks on Gloo, each reading batches through one DataLoader
+    worker: SIGSTOP rank 1's loader worker. Rank 1 waits for it forever and rank 0 waits for
+    rank 1 in the gradient all-reduce; the ranks' stall watchdogs end them, torchrun ends, and
+    the supervisor raises RunStalled with the stacks. Nothing of the run is left behind."""
+    sys.path.insert(0, str(REPO / "tests" / "unit" / "pcd_core"))
+    from train_helpers import spec_dict, write_dataset
+
+    from pcd_core.spec import RunSpec
+
+    data = write_dataset(tmp_path / "data")
+    spec = spec_dict(data, iterations=100_000, log_every=1, checkpoint_every=100_000,
+                     eval_every=100_000, deterministic=False, num_workers=1)
+    out = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from worker import multigpu
+        from worker.watchdog import RunStalled
+        spec = {RunSpec.model_validate(spec).model_dump_json()!r}
+        try:
+            multigpu.run_distributed(spec, Path({str(out)!r}), 2, [], poll_s=0.1,
+                                     stall_timeout_s=3.0)
+        except RunStalled as exc:
+            print("RunStalled", exc.stacks, flush=True)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    supervisor = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env,
+                                  stdout=subprocess.PIPE, text=True)
+    try:
+        events = out / "events.jsonl"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and '"phase": "training"' not in _text(events):
+            time.sleep(0.2)
+        assert '"phase": "training"' in _text(events), "the ranks never started training"
+        ranks = [pid for pid in _processes_mentioning(str(out))
+                 if "worker.ddp_entry" in argv_of(pid) and child_pids(pid)]
+        rank1 = [pid for pid in ranks if _rank_of(pid) == "1"]
+        assert len(rank1) == 1, (ranks, [_rank_of(p) for p in ranks])
+        loaders = child_pids(rank1[0])
+        assert loaders, "rank 1 has no loader worker"
+        for pid in loaders:
+            os.kill(pid, signal.SIGSTOP)
+        stdout, _ = supervisor.communicate(timeout=120)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+    assert stdout.startswith("RunStalled Timeout (0:00:03)!"), stdout[-3000:]
+    assert "dataloader.py" in stdout, stdout[-3000:]  # where rank 1 waited
+    deadline = time.monotonic() + 60
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(out)), "processes of the run outlived it"
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    found = [e.split(b"=", 1)[1].decode() for e in environ if e.startswith(b"RANK=")]
+    return found[0] if found else None
