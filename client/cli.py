@@ -86,7 +86,11 @@ def serve(
                                 "and reaper only, workers run elsewhere)."),
     reaper_interval: float = typer.Option(15.0, help="Seconds between reaper passes."),
 ) -> None:
-    """Run the service on this machine: migrations, API, one worker, the reaper. Ctrl-C stops."""
+    """Run the service on this machine: migrations, API, one worker, the reaper.
+
+    Ctrl-C stops it; a running job is checkpointed and handed back first (up to a minute),
+    and the next ``pcd serve`` resumes it. Ctrl-C again stops at once.
+    """
     from client import serve as sv
 
     env = dict(os.environ)

@@ -5,7 +5,9 @@ Why subprocesses rather than threads in this process: the client package must no
 (signals, pool), and separate processes are what production runs too, so the embedded default
 exercises the same code paths. This module only supervises: it starts the children in their
 own sessions (so a terminal's Ctrl-C reaches only us), restarts a worker that dies (the reaper
-then recovers its job from the database heartbeat), and stops everything on Ctrl-C/SIGTERM.
+then recovers its job from the database heartbeat), and stops everything on Ctrl-C/SIGTERM:
+the worker first hands its running job back to the queue (worker/drain.py), so the next
+``pcd serve`` resumes it where it stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GRACE_S = 10.0  # how long children get to exit after SIGTERM before SIGKILL
+# The worker gets longer: its running job checkpoints and goes back to the queue first
+# (worker/drain.py), so the next `pcd serve` resumes it at once, where it stopped.
+DRAIN_GRACE_S = 60.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -31,9 +36,12 @@ class Child:
     name: str
     argv: list[str]
     restart: bool
-    # Celery's SIGTERM is a warm shutdown that would wait hours for a running job; SIGQUIT is
-    # its cold shutdown. Everything else takes SIGTERM.
     stop_signal: int = signal.SIGTERM
+    # The stop signal goes to the child's whole process group, or (``stop_leader_only``) to
+    # the child alone: Celery's main process must get SIGTERM (its warm shutdown, which
+    # drains the running job) while its pool child must not (billiard would end the task).
+    stop_leader_only: bool = False
+    grace_s: float = GRACE_S
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = field(default=0.0)
@@ -57,7 +65,7 @@ def commands(*, host: str, port: int, pool: str, concurrency: int, reaper_interv
             python, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "gpu,cpu",
             "--concurrency", str(concurrency), "-P", pool, "-n", "pcd-embedded@%h",
             "--loglevel", "INFO", "--without-gossip", "--without-mingle",
-        ], restart=True, stop_signal=signal.SIGQUIT))
+        ], restart=True, stop_leader_only=True, grace_s=DRAIN_GRACE_S))
     return children
 
 
@@ -73,25 +81,42 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def stop_all(children: Sequence[Child], grace_s: float = GRACE_S) -> None:
-    """Signal every child's process group to stop, then SIGKILL what is left after ``grace_s``.
+def stop_all(children: Sequence[Child], log: Callable[[str], None] = print,
+             hurry: Callable[[], bool] = lambda: False) -> None:
+    """Send every child its stop signal, wait up to its ``grace_s``, then SIGKILL its group.
 
-    A job that was running stays ``running`` in the database with a heartbeat that goes
-    stale; the next ``pcd serve`` reaps it and it resumes from its last checkpoint.
+    The worker drains: a running job checkpoints and goes back to the queue (the next
+    ``pcd serve`` resumes it where it stopped). One it cannot hand back in time stays
+    ``running`` with a heartbeat that goes stale, and the next ``pcd serve`` reaps it from
+    its last checkpoint. ``hurry()`` true (a second Ctrl-C) ends the wait at once.
     """
     live = [c for c in children if c.proc is not None and c.proc.poll() is None]
     for child in live:
         assert child.proc is not None
-        _signal_group(child.proc, child.stop_signal)
-    deadline = time.monotonic() + grace_s
-    for child in live:
-        proc = child.proc
-        assert proc is not None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
+        if child.stop_leader_only:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, child.stop_signal)
+        else:
+            _signal_group(child.proc, child.stop_signal)
+    longest = max((c.grace_s for c in live), default=0.0)
+    if longest > GRACE_S:
+        log(f"waiting up to {longest:.0f}s for the worker to hand its running job back "
+            "(Ctrl-C again to stop at once)")
+    start = time.monotonic()
+    pending = list(live)
+    while pending:
+        waited = time.monotonic() - start
+        for child in pending:
+            assert child.proc is not None
+            if child.proc.poll() is None and (hurry() or waited >= child.grace_s):
+                _signal_group(child.proc, signal.SIGKILL)
+                child.proc.wait()
+        pending = [c for c in pending if c.proc is not None and c.proc.poll() is None]
+        if pending:
+            time.sleep(0.1)
+    for child in live:  # what a leader left in its group (a pool child, a loader worker)
+        assert child.proc is not None
+        _signal_group(child.proc, signal.SIGKILL)
 
 
 def supervise(children: list[Child], env: dict[str, str], cwd: Path,
@@ -129,7 +154,15 @@ def supervise(children: list[Child], env: dict[str, str], cwd: Path,
                 child.start(env, cwd)
     finally:
         log("stopping...")
-        stop_all(children)
+        again = False
+
+        def _hurry(signum: int, _frame: object) -> None:
+            nonlocal again
+            again = True
+
+        for sig in previous:
+            signal.signal(sig, _hurry)
+        stop_all(children, log=log, hurry=lambda: again)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return exit_code

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 
+from celery.exceptions import Reject
 from sqlalchemy import select
 
 from jobs import db, state
 from jobs.models import Job
 from jobs.settings import Settings, get_settings
 from worker.celery_app import TASK_RUN_JOB, app
+from worker.drain import DrainRequested
 from worker.jobrow import sessions_for
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,11 @@ def run_job(job_id: str) -> str | None:
     """Run one job to a terminal status (see :func:`worker.runner.execute_job`); None when
     the job is not ``queued`` (running elsewhere, finished, cancelled, unknown)."""
     settings = get_settings()
+    if DrainRequested(settings, min_interval_s=0.0).is_set():
+        # This worker is shutting down and may still take a message (its own re-send of the
+        # job it just released, with the solo pool): put it back for another worker.
+        log.info("job %s: this worker is draining; returning the message", job_id)
+        raise Reject("worker draining", requeue=True)
     if not claimable(job_id, settings):
         log.info("job %s is not queued (a duplicate or late message): skipping", job_id)
         return None

@@ -1,10 +1,12 @@
 """The embedded default end to end, with real processes: uvicorn + one Celery worker over
 SQLite, the filesystem broker and a ``file://`` store, all under a temporary directory.
 
-Three stories, in order, on one service: a tiny PCD job succeeds and its artifacts download
+Four stories, in order, on one service: a tiny PCD job succeeds and its artifacts download
 sha256-correct; a long job cancelled mid-run ends ``cancelled``; a worker SIGKILLed mid-run is
 recovered by the reaper from the database heartbeat (the broker cannot redeliver), and the job
-resumes from its checkpoint on a fresh worker (attempt 2, not from iteration 0) and succeeds.
+resumes from its checkpoint on a fresh worker (attempt 2, not from iteration 0) and succeeds;
+a worker sent SIGTERM (how ``pcd serve`` stops it) hands its job back, and the next worker
+resumes it where it stopped.
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "PCD_HEARTBEAT_TIMEOUT_S": "6",
         "PCD_MAX_ATTEMPTS": "3",
         "OMP_NUM_THREADS": "2",
+        # A stalled run in these stories ends with its stacks in the job log (printed when a
+        # wait fails) instead of a bare timeout; 120 s is far above a loaded CI's slowest step.
+        "PCD_STALL_TIMEOUT_S": "120",
     }
     svc = Service(root, env, f"http://127.0.0.1:{port}")
     subprocess.run([sys.executable, "-c", "from jobs import db; from jobs.settings import "
@@ -231,3 +236,31 @@ def test_sigkill_worker_is_recovered_and_resumes(service: Service,
         resumed = re.search(r"resuming from checkpoint at iteration (\d+)", text)
         assert resumed is not None, text
         assert 0 < int(resumed.group(1)) <= killed_at
+
+
+def test_sigterm_drains_the_solo_worker_and_a_new_one_resumes(service: Service,
+                                                              inputs: dict[str, str]) -> None:
+    """``pcd serve``'s stop (SIGTERM to the worker alone) on the embedded stack: with the solo
+    pool the run is in the worker's main process, which drains it there; the job goes back
+    to the queue through the filesystem broker, and the next worker resumes it where it
+    stopped, without the reaper."""
+    name = next(n for n in ("worker2", "worker") if n in service.procs)
+    with service.client() as c:
+        job = c.submit(spec(inputs, "drained", "none", iterations=200))  # no periodic checkpoint
+        wait_for(lambda: (c.get(job["id"])["progress"]["iteration"] or 0) >= 3, 90,
+                 "training to start")
+        proc = service.procs.pop(name)
+        os.kill(proc.pid, signal.SIGTERM)  # the leader only, as `pcd serve` stops it
+        assert proc.wait(timeout=90) == 0, service.logs(name)
+        queued = c.get(job["id"])
+        text = log_text(c, job["id"])
+        assert queued["status"] == "queued", (queued, text)
+        released = re.findall(r"^released at iteration (\d+)", text, re.M)
+        assert len(released) == 1 and int(released[0]) >= 3, text
+        service.start_worker("worker3")
+        done = wait_status(c, job["id"], {"succeeded", "failed", "cancelled"}, 200, service)
+        text = log_text(c, job["id"])
+        assert done["status"] == "succeeded", (done, text)
+        assert done["attempts"] == 2 and "reaper:" not in text, text
+        resumed = re.findall(r"resuming from checkpoint at iteration (\d+)", text)
+        assert resumed == released, (resumed, released)
