@@ -133,7 +133,7 @@ def _run(ctx: RunContext) -> str:
                 train.run(run_spec, out_dir, callbacks=[dog, ctx.progress], resume=resume,
                           device=device)
     except RunCancelled as exc:
-        return _cancelled(ctx, f"cancelled at iteration {exc.iteration}")
+        return _cancelled(ctx, f"cancelled at iteration {exc.iteration}", exc.iteration)
     except RunStalled as exc:
         # Recovered like a single-process stall: the beater records the ranks' stacks when
         # this attempt ends, and the reaper re-queues the job once its heartbeat is stale.
@@ -156,7 +156,7 @@ def _run(ctx: RunContext) -> str:
     return "succeeded"
 
 
-def _cancelled(ctx: RunContext, message: str) -> str:
+def _cancelled(ctx: RunContext, message: str, iteration: int | None = None) -> str:
     """End a stopped run: ``cancelled`` (nothing uploaded); ``lost`` when the stop came
     from losing the job to another worker (then the row is not ours to touch); ``released``
     when this worker is draining and nobody asked for a cancel."""
@@ -164,18 +164,18 @@ def _cancelled(ctx: RunContext, message: str) -> str:
         ctx.row.log("warning", "run stopped: job no longer owned by this worker")
         return "lost"
     if ctx.progress.drain.is_set() and not ctx.progress.cancel_requested_now():
-        return _released(ctx)
+        return _released(ctx, ctx.progress.last_iteration if iteration is None else iteration)
     ctx.row.log("info", message)
     outputs.cleanup(ctx, keep_checkpoints=False)
     ctx.row.finish("cancelled", message=message)
     return "cancelled"
 
 
-def _released(ctx: RunContext) -> str:
-    """Hand the job back (worker/drain.py): its last checkpoint is uploaded and on the row,
-    so the next attempt, on whichever worker takes the re-sent message, resumes there."""
+def _released(ctx: RunContext, at: int) -> str:
+    """Hand the job back (worker/drain.py) after a stop at iteration ``at``: its checkpoint is
+    uploaded and on the row, so the next attempt, on whichever worker takes the re-sent
+    message, resumes there."""
     outputs.cleanup(ctx, keep_checkpoints=True)
-    at = ctx.progress.last_iteration
     queue = ctx.row.release(f"worker {ctx.row.worker_id} is shutting down (iteration {at})")
     if queue is None:  # cancelled or lost meanwhile: whoever changed the row decides
         return "lost"
