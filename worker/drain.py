@@ -47,16 +47,20 @@ def clear_drain(settings: Settings, pid: int | None = None) -> None:
         marker(settings, pid or os.getpid()).unlink()
 
 
-class DrainRequested:
-    """``is_set()`` once the worker running this process is draining.
+def draining(settings: Settings) -> bool:
+    """Whether the worker running this process is draining: the marker of the parent (a
+    prefork pool child's main process) or of this process (the solo pool) exists."""
+    return any(marker(settings, pid).exists() for pid in (os.getppid(), os.getpid()))
 
-    Checks the marker of the parent (a prefork pool child's main process) and of this
-    process (the solo pool), at most once per ``min_interval_s``; once set it stays set.
-    """
+
+class DrainRequested:
+    """``is_set()`` once the worker running this process is draining (:func:`draining`,
+    asked at most once per ``min_interval_s``: it is polled every few iterations); once set
+    it stays set."""
 
     def __init__(self, settings: Settings, *, min_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self._paths = [marker(settings, os.getppid()), marker(settings, os.getpid())]
+        self._settings = settings
         self._min_interval_s = min_interval_s
         self._clock = clock
         self._checked_at = float("-inf")
@@ -65,5 +69,5 @@ class DrainRequested:
     def is_set(self) -> bool:
         if not self._set and self._clock() - self._checked_at >= self._min_interval_s:
             self._checked_at = self._clock()
-            self._set = any(path.exists() for path in self._paths)
+            self._set = draining(self._settings)
         return self._set

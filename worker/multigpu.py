@@ -42,12 +42,13 @@ class DistributedRunError(RuntimeError):
 
 def torchrun_argv(gpus: int, spec_file: Path, out_dir: Path, events: Path, stop_file: Path,
                   resume: Path | None, python: str = sys.executable, *,
-                  supervisor_pid: int | None = None, stall_timeout_s: float = 0.0) -> list[str]:
-    """The command line (a function, so tests can check it without launching anything)."""
+                  stall_timeout_s: float = 0.0) -> list[str]:
+    """The command line (a function, so tests can check it without launching anything); the
+    ranks watch this process, their supervisor."""
     argv = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
             "-m", "worker.ddp_entry", "--spec", str(spec_file), "--out", str(out_dir),
             "--events", str(events), "--stop-file", str(stop_file),
-            "--supervisor-pid", str(supervisor_pid or os.getpid()),
+            "--supervisor-pid", str(os.getpid()),
             "--stall-timeout", str(stall_timeout_s)]
     if resume is not None:
         argv += ["--resume", str(resume)]

@@ -22,7 +22,7 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:  # Linux: the state follows the command name in /proc/<pid>/stat
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return not Path("/proc/self").exists()  # no /proc: os.kill's answer stands
 

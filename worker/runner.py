@@ -33,7 +33,7 @@ from jobs import db, state
 from jobs.settings import Settings, get_settings
 from jobs.spec import JobSpec
 from pcd_core.progress import RunCancelled
-from worker import inputs, outputs
+from worker import inputs, outputs, reaper
 from worker.drain import DrainRequested
 from worker.heartbeat import BeatOrder, Heartbeat
 from worker.jobrow import JobRow, JobSnapshot, sessions_for
@@ -182,8 +182,6 @@ def _released(ctx: RunContext, at: int) -> str:
     ctx.row.log("info", f"released at iteration {at}: this worker is shutting down; the "
                         "job goes back to the queue and resumes from its last checkpoint")
     try:
-        from worker import reaper
-
         reaper.celery_enqueue(ctx.settings)(ctx.snap.job_id, queue)
     except Exception as exc:  # queued and unclaimed: the reaper re-sends it after a while
         log.exception("job %s released but not re-dispatched", ctx.snap.job_id)

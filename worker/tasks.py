@@ -23,7 +23,7 @@ from jobs import db, state
 from jobs.models import Job
 from jobs.settings import Settings, get_settings
 from worker.celery_app import TASK_RUN_JOB, app
-from worker.drain import DrainRequested
+from worker.drain import draining
 from worker.jobrow import sessions_for
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def run_job(job_id: str) -> str | None:
     """Run one job to a terminal status (see :func:`worker.runner.execute_job`); None when
     the job is not ``queued`` (running elsewhere, finished, cancelled, unknown)."""
     settings = get_settings()
-    if DrainRequested(settings, min_interval_s=0.0).is_set():
+    if draining(settings):
         # This worker is shutting down and may still take a message (its own re-send of the
         # job it just released, with the solo pool): put it back for another worker.
         log.info("job %s: this worker is draining; returning the message", job_id)
