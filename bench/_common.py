@@ -73,6 +73,9 @@ class Scale:
     amp: bool
     num_workers: int
     eval_every: int
+    # ``train.class_weights`` of the teacher and every student (bench/accuracy.py
+    # --class-weights): the task loss of the whole table, never one method's advantage.
+    class_weights: str = "none"
 
     @property
     def eval_hw(self) -> tuple[int, int]:

@@ -70,7 +70,7 @@ def train_dict(scale: Scale, iterations: int, seed: int) -> dict[str, Any]:
         "warmup_iterations": max(1, iterations // 20), "amp": scale.amp,
         "eval_every": scale.eval_every, "checkpoint_every": max(25, iterations // 6),
         "log_every": 10, "seed": seed, "num_workers": scale.num_workers,
-        "eval_batch_size": 8,
+        "eval_batch_size": 8, "class_weights": scale.class_weights,
     }
 
 

@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train every student N iterations instead of the scale's budget (the "
                    "teacher is unchanged; warmup and checkpoints scale with N): does a gap "
                    "between methods grow or shrink with training length?")
+    p.add_argument("--class-weights", choices=["none", "median_frequency"], default="none",
+                   help="train.class_weights of the teacher and every student: the whole "
+                   "table's task loss (median_frequency: can a teacher that learns the thin "
+                   "classes pass them on?); default none, the table as pooled so far")
     return p.parse_args(argv)
 
 
@@ -101,8 +105,9 @@ def run_name(args: argparse.Namespace, student: str, method: str, seed: int) -> 
 
 
 def scale_of(args: argparse.Namespace) -> Scale:
-    """The named scale, with the student budget of ``--student-iterations`` when given."""
-    scale = SCALES[args.scale]
+    """The named scale, with the student budget of ``--student-iterations`` when given and
+    the table's ``--class-weights``."""
+    scale = dataclasses.replace(SCALES[args.scale], class_weights=args.class_weights)
     if args.student_iterations:
         scale = dataclasses.replace(scale, student_iterations=args.student_iterations)
     return scale
@@ -254,7 +259,8 @@ def report(args: argparse.Namespace, scale: Any, t_dir: Path, t_arch: str) -> in
     if args.teacher_only and not args.out:
         # the table JSON of the last full run stays as it is (it may be another CPU's)
         return 0
-    out = args.out or Path(f"bench/results/accuracy_{scale.name}.json")
+    weighted = "" if scale.class_weights == "none" else f"_{scale.class_weights}"
+    out = args.out or Path(f"bench/results/accuracy_{scale.name}{weighted}.json")
     write_json(out, doc)
     print(f"\nwrote {out}", flush=True)
     return 0

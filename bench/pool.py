@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accuracy JSONs (default: bench/results/accuracy_<scale>*.json)")
     p.add_argument("--scale", default="cpu", help="only files of this scale")
     p.add_argument("--out", type=Path, help="default bench/results/pooled_<scale>.json")
+    p.add_argument("--class-weights", choices=["none", "median_frequency"], default="none",
+                   help="pool only the tables trained with this train.class_weights "
+                   "(accuracy.py --class-weights); default none")
     p.add_argument("--per-class", action="store_true",
                    help="also pool each class's IoU and print a class-by-gain table (where "
                         "a method's lead comes from)")
@@ -78,12 +81,18 @@ def student_iterations(doc: dict[str, Any]) -> int:
     return int(doc.get("scale_config", {}).get("student_iterations", default))
 
 
-def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int | None = None
-                   ) -> dict[tuple[str, str, int], str]:
+def class_weights(doc: dict[str, Any]) -> str:
+    """The ``train.class_weights`` a results file's table was trained with (files written
+    before the option existed trained unweighted)."""
+    return str(doc.get("scale_config", {}).get("class_weights", "none"))
+
+
+def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int | None = None,
+                   weights: str = "none") -> dict[tuple[str, str, int], str]:
     """The spec hash the current code would train for each (student, method, seed) named, at
-    ``iterations`` student iterations (default: the scale's budget)."""
+    ``iterations`` student iterations (default: the scale's budget) and class ``weights``."""
     budget = [] if iterations is None else ["--student-iterations", str(iterations)]
-    args = accuracy.parse_args(["--scale", scale_name, *budget])
+    args = accuracy.parse_args(["--scale", scale_name, *budget, "--class-weights", weights])
     scale = accuracy.scale_of(args)
     t_arch = TEACHERS[scale_name]
     t_dir = run_dir(args.runs_dir, scale, teacher_spec(scale, t_arch))
@@ -91,20 +100,22 @@ def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int 
     return {k: accuracy.planned_spec(args, scale, *k, t_arch, t_dir).spec_hash() for k in keys}
 
 
-def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str
+def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str, weights: str = "none"
               ) -> tuple[Runs, dict[str, int], dict[float, list[str]]]:
     """Runs of the current specs, keyed by teacher; how many of each file were left out;
-    which files each teacher came from."""
+    which files each teacher came from. Only tables trained with class ``weights`` count:
+    a weighted table's teacher and students answer another question."""
     runs: Runs = {}
     left_out: dict[str, int] = {}
     sources: dict[float, list[str]] = defaultdict(list)
     for name, doc in docs:
-        if doc.get("scale") != scale_name or not doc.get("teacher"):
+        if (doc.get("scale") != scale_name or not doc.get("teacher")
+                or class_weights(doc) != weights):
             continue
         teacher = float(doc["teacher"]["miou"])
         sources[teacher].append(name)
         iterations = student_iterations(doc)
-        wanted = current_hashes(scale_name, doc["runs"], iterations)
+        wanted = current_hashes(scale_name, doc["runs"], iterations, weights)
         left_out[name] = 0
         for r in doc["runs"]:
             key = (r["student"], r["method"], r["seed"])
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
     docs = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
-    runs, left_out, sources = load_runs(docs, args.scale)
+    runs, left_out, sources = load_runs(docs, args.scale, args.class_weights)
     gains = pooled_gains(runs, METRICS)
     print(render(gains))
     per_class = pooled_gains(runs, CLASS_METRICS) if args.per_class else []
@@ -211,12 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in left_out.items():
         if n:
             print(f"\n{name}: {n} runs of other specs (older defaults) left out")
-    doc = {"scale": args.scale, "command": " ".join(["python bench/pool.py", *sys.argv[1:]]),
+    doc = {"scale": args.scale, "class_weights": args.class_weights,
+           "command": " ".join(["python bench/pool.py", *sys.argv[1:]]),
            "files": [name for name, _ in docs], "teachers": sources, "left_out": left_out,
            "gains": gains}
     if args.per_class:
         doc["per_class_gains"] = per_class
-    out = args.out or RESULTS / f"pooled_{args.scale}.json"
+    weighted = "" if args.class_weights == "none" else f"_{args.class_weights}"
+    out = args.out or RESULTS / f"pooled_{args.scale}{weighted}.json"
     write_json(out, doc)
     print(f"\nwrote {out}")
     return 0

@@ -34,6 +34,7 @@ class Models:
     student: nn.Module
     teacher: nn.Module | None
     method: DistillMethod
+    class_weights: torch.Tensor | None = None  # (num_classes,) for the CE terms; None: equal
     optimizer: Any = None
     scheduler: Any = None
     scaler: Any = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -22,6 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PositiveInt = Annotated[int, Field(gt=0)]
+CLASS_WEIGHT_CHOICES = ("none", "median_frequency")
 
 
 class _Strict(BaseModel):
@@ -194,6 +196,12 @@ class TrainSpec(_Strict):
     warmup_iterations: int = Field(default=0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)
     aux_weight: float = Field(default=0.4, ge=0)
+    # Added later: rare classes (pole, sign_symbol) get no gradient worth the name under plain
+    # CE on a short budget, and a teacher that never predicts them has nothing to distil.
+    class_weights: Literal["none", "median_frequency"] | list[float] = Field(
+        default="none", description="weights of the cross-entropy terms per class: none, "
+        "median_frequency (counted over the train split at run start), or one positive "
+        "number per class; the distillation terms are never weighted")
     amp: bool = True  # only takes effect on CUDA
     amp_dtype: Literal["bf16", "fp16"] = "bf16"
     eval_every: PositiveInt = 2000
@@ -204,6 +212,21 @@ class TrainSpec(_Strict):
     num_workers: int = Field(default=2, ge=0)
     eval_batch_size: PositiveInt = 4
     max_eval_images: PositiveInt | None = None
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weights(cls, v: object) -> object:
+        """One message at ``train.class_weights`` (a union would report one per member)."""
+        if isinstance(v, str) and v not in CLASS_WEIGHT_CHOICES:
+            raise ValueError(f"must be one of {', '.join(CLASS_WEIGHT_CHOICES)} or a list "
+                             f"of positive numbers, one per class; got {v!r}")
+        if isinstance(v, list | tuple):
+            for i, w in enumerate(v):
+                ok = isinstance(w, int | float) and not isinstance(w, bool)
+                if not ok or not math.isfinite(w) or w <= 0:  # type: ignore[arg-type]
+                    raise ValueError(f"weight {i} is {w!r}; every weight must be a positive "
+                                     f"finite number")
+        return v
 
 
 class RunSpec(_Strict):
@@ -220,6 +243,14 @@ class RunSpec(_Strict):
     def _teacher_needed(self) -> RunSpec:
         if self.method.name != "none" and self.teacher is None:
             raise ValueError(f"method {self.method.name!r} needs a teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _one_weight_per_class(self) -> RunSpec:
+        weights = self.train.class_weights
+        if isinstance(weights, list) and len(weights) != self.dataset.num_classes:
+            raise ValueError(f"train.class_weights has {len(weights)} weights but "
+                             f"dataset.num_classes is {self.dataset.num_classes}")
         return self
 
     def spec_hash(self) -> str:
@@ -246,6 +277,7 @@ HASH_SINCE_ADDED: tuple[tuple[str, str, object], ...] = (
     ("method", "weight_schedule", "constant"),
     ("method", "logit_kd_tau", None),
     ("method", "logit_kd_schedule", None),
+    ("train", "class_weights", "none"),
 )
 
 

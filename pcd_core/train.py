@@ -39,6 +39,7 @@ from pcd_core.checkpoint import (
 )
 from pcd_core.components import Models, build_models, check_run_spec
 from pcd_core.data import build_dataset, build_loader
+from pcd_core.data.class_weights import resolve_class_weights
 from pcd_core.distill import weight_factor
 from pcd_core.evaluate import build_eval_dataset, evaluate
 from pcd_core.export import export_student
@@ -102,9 +103,11 @@ def compute_losses(
             assert models.teacher is not None
             with torch.no_grad():
                 t_out = models.teacher(img)
-        losses = {"ce": F.cross_entropy(s_out["out"].float(), target, ignore_index=ignore)}
+        w = models.class_weights
+        losses = {"ce": F.cross_entropy(s_out["out"].float(), target, weight=w,
+                                        ignore_index=ignore)}
         if "aux" in s_out:
-            aux = F.cross_entropy(s_out["aux"].float(), target, ignore_index=ignore)
+            aux = F.cross_entropy(s_out["aux"].float(), target, weight=w, ignore_index=ignore)
             losses["aux"] = spec.train.aux_weight * aux
         for name, value in models.method(s_out, t_out, target, step).items():
             schedule = models.method.loss_schedule(name)
@@ -324,6 +327,9 @@ def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: 
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
     seed_everything(tr.seed + info.rank, tr.deterministic)
     models = build_models(spec, info.device)
+    class_weights = resolve_class_weights(spec)
+    if class_weights is not None:
+        models.class_weights = torch.tensor(class_weights, device=info.device)
     models.optimizer = build_optimizer(tr, [models.student, models.method])
     models.scheduler = build_scheduler(models.optimizer, tr)
     amp = amp_dtype_for(spec, info.device)
@@ -374,14 +380,14 @@ def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: 
     fingerprints = D.gather_fingerprints(models.student, info)
     cbs.on_progress(Progress("exporting", state.iteration, tr.iterations))
     paths = {"checkpoint": last, "spec": out / "spec.json"}
-    summary: dict[str, Any] = {}
+    summary: dict[str, Any] = {} if class_weights is None else {"class_weights": class_weights}
     stopped = False
     if info.is_main:  # only rank 0 exports: it polls alone, then tells the others
         try:
             report = export_from_spec(models.student, out, spec, export_formats,
                                       should_stop=cbs.should_stop)
             paths.update(report.paths)
-            summary = {"export": report.to_json()}
+            summary["export"] = report.to_json()
         except StopRequested:
             stopped = True
     if D.broadcast_flag(stopped, info):

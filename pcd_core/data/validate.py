@@ -23,7 +23,9 @@ from pcd_core.spec import DatasetSpec
 
 @dataclass
 class DatasetSummary:
-    """What a split holds. ``class_pixel_counts[k]``: pixels of class k over all labels."""
+    """What a split holds. ``class_pixel_counts[k]``: pixels of class k over all labels;
+    ``class_image_pixels[k]``: labelled (not ignored) pixels of the labels that contain
+    class k, the denominator of median frequency balancing (``data.class_weights``)."""
 
     split: str
     format: str
@@ -31,6 +33,7 @@ class DatasetSummary:
     class_pixel_counts: list[int]
     ignore_pixels: int
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # distinct (H, W)
+    class_image_pixels: list[int] = field(default_factory=list)
 
     @property
     def missing_classes(self) -> list[int]:
@@ -85,15 +88,21 @@ def validate_dataset(spec: DatasetSpec, split: str, *,
         raise DatasetError(f"split {split!r} of {spec.uri} has no images", path=spec.uri,
                            code="dataset_empty")
     threads = max_threads or min(8, os.cpu_count() or 1)
-    counts = np.zeros(max(spec.num_classes, spec.ignore_index + 1), dtype=np.int64)
+    k = spec.num_classes
+    counts = np.zeros(max(k, spec.ignore_index + 1), dtype=np.int64)
+    image_pixels = np.zeros(k, dtype=np.int64)
     sizes: set[tuple[int, int]] = set()
     with ThreadPoolExecutor(max_workers=threads) as pool:
         # map yields in index order and re-raises an item's error when reaching it.
         for hist, size in pool.map(lambda i: _check_item(source, i, spec), range(n)):
             counts[: hist.shape[0]] += hist
+            in_label = np.zeros(k, dtype=np.int64)
+            in_label[: min(k, hist.shape[0])] = hist[:k]
+            image_pixels[in_label > 0] += in_label.sum()
             sizes.add(size)
     return DatasetSummary(
         split=split, format=spec.format, num_images=n,
-        class_pixel_counts=[int(c) for c in counts[: spec.num_classes]],
+        class_pixel_counts=[int(c) for c in counts[:k]],
         ignore_pixels=int(counts[spec.ignore_index]), image_sizes=sorted(sizes),
+        class_image_pixels=[int(c) for c in image_pixels],
     )

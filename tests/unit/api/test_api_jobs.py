@@ -53,6 +53,7 @@ def test_idempotency_key_replays_and_conflicts(
     (lambda s: s["train"].__setitem__("iteratoins", 5), "train.iteratoins"),
     (lambda s: s.pop("student"), "student"),
     (lambda s: s["resources"].__setitem__("gpus", -1), "resources.gpus"),
+    (lambda s: s["train"].__setitem__("class_weights", "median"), "train.class_weights"),
 ])
 def test_invalid_spec_is_422_naming_the_field(
         client: TestClient, factory: Factory, mutate: Any, field: str) -> None:

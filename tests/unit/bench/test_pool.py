@@ -16,9 +16,9 @@ STUDENT = "deeplabv3_resnet18"
 
 
 def run(method: str, seed: int, miou: float, spec_hash: str | None = None,
-        iterations: int | None = None) -> dict[str, Any]:
+        iterations: int | None = None, weights: str = "none") -> dict[str, Any]:
     wanted = pool.current_hashes("cpu", [{"student": STUDENT, "method": method, "seed": seed}],
-                                 iterations)
+                                 iterations, weights)
     return {"student": STUDENT, "method": method, "seed": seed, "miou": miou,
             "thin_miou": miou / 10, "spec_hash": spec_hash or wanted[(STUDENT, method, seed)]}
 
@@ -71,6 +71,24 @@ def test_a_longer_student_budget_pools_on_its_own_rows() -> None:
     assert (short["pairs"], short["mean"]) == (1, pytest.approx(1.0))
     assert (longer["pairs"], longer["mean"]) == (1, pytest.approx(5.0))
     assert left_out == {"a.json": 0, "b.json": 0, "c.json": 1}
+
+
+def test_class_weighted_tables_pool_apart_from_unweighted_ones() -> None:
+    weighted = [run("none", 0, 0.33, weights="median_frequency"),
+                run("pcd", 0, 0.40, weights="median_frequency")]
+    assert weighted[0]["spec_hash"] != run("none", 0, 0.33)["spec_hash"]
+    mf = {"scale": "cpu", "teacher": {"miou": 0.45}, "runs": weighted,
+          "scale_config": {"class_weights": "median_frequency"}}
+    docs = [("a.json", doc(0.46, [run("none", 0, 0.30), run("pcd", 0, 0.31)])), ("mf.json", mf)]
+    plain_runs, plain_left, plain_sources = pool.load_runs(docs, "cpu")
+    mf_runs, mf_left, mf_sources = pool.load_runs(docs, "cpu", "median_frequency")
+    plain_gain = pool.pooled_gain(plain_runs, STUDENT, "pcd", "none", "miou", 400)
+    mf_gain = pool.pooled_gain(mf_runs, STUDENT, "pcd", "none", "miou", 400)
+    assert plain_gain is not None and mf_gain is not None
+    assert (plain_gain["pairs"], plain_gain["mean"]) == (1, pytest.approx(1.0))
+    assert (mf_gain["pairs"], mf_gain["mean"]) == (1, pytest.approx(7.0))
+    assert list(plain_sources) == [0.46] and list(mf_sources) == [0.45]
+    assert plain_left == {"a.json": 0} and mf_left == {"mf.json": 0}
 
 
 def test_the_gain_without_tree_skips_tree_and_runs_without_per_class_scores() -> None:
