@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 from pydantic import ValidationError
-from train_helpers import NUM_CLASSES, make_spec, spec_dict, write_dataset
+from train_helpers import NUM_CLASSES, make_spec, spec_dict
 
 from pcd_core.data import validate_dataset
 from pcd_core.data.class_weights import median_frequency_weights, resolve_class_weights
@@ -23,15 +23,7 @@ CAMVID = Path("/work/shared/datasets/camvid")
 CAMVID_CLASSES = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign_symbol",
                   "fence", "car", "pedestrian", "bicyclist"]
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_median_frequency_by_hand() -> None:

@@ -11,17 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import Recorder, make_spec, pcd_dict, spec_dict, write_dataset
+from train_helpers import Recorder, make_spec, pcd_dict, spec_dict
 
 from pcd_core.progress import RunCancelled
 from pcd_core.train import run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from train_helpers import HW, NUM_CLASSES, Recorder, make_spec, pcd_dict, spec_dict, write_dataset
+from train_helpers import HW, NUM_CLASSES, Recorder, make_spec, pcd_dict, spec_dict
 
 from pcd_core.checkpoint import load_checkpoint
 from pcd_core.distributed import DistInfo
@@ -23,10 +23,7 @@ ONLY_WEIGHTS = ("safetensors",)
 STUDENT_FILES = ("student.safetensors", "model.json", "student.torchscript.pt", "student.onnx",
                  "samples.png", "metrics.json")
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic"))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +33,6 @@ def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_weights(build_model("deeplabv3_resnet18", NUM_CLASSES, output_stride=16,
                              head_channels=16), path)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
 
 
 class StopInPhase(Recorder):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import Recorder, make_spec, pcd_dict, spec_dict, write_dataset
+from train_helpers import Recorder, make_spec, pcd_dict, spec_dict
 
 from pcd_core.checkpoint import capture_rng, load_checkpoint, restore_rng
 from pcd_core.components import TeacherMissingError, build_teacher
@@ -17,15 +17,7 @@ from pcd_core.train import run
 
 ONLY_WEIGHTS = ("safetensors",)  # export of other formats is tested in test_export
 
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dataset(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_loss_decreases_and_run_writes_student_directory(data_root: Path, tmp_path: Path):
