@@ -1,4 +1,4 @@
-"""bench/accuracy.py --student-iterations: a longer student budget is a different experiment.
+"""bench/accuracy.py --student-iterations and --class-weights: each a different experiment.
 
 The longer runs must never be mistaken for (or overwrite) the scale's own runs, and the
 teacher they distil from must be the same one.
@@ -41,3 +41,19 @@ def test_a_longer_run_says_its_budget_in_its_name() -> None:
 def test_asking_for_the_scales_own_budget_is_the_default_run() -> None:
     same = parse_args(["--student-iterations", "400"])
     assert run_name(same, "deeplabv3_resnet18", "kd", 3) is None
+
+
+def test_class_weights_change_the_whole_table_teacher_included() -> None:
+    plain = scale_of(parse_args([]))
+    weighted = scale_of(parse_args(["--class-weights", "median_frequency"]))
+    t_plain = teacher_spec(plain, "deeplabv3_resnet50")
+    t_weighted = teacher_spec(weighted, "deeplabv3_resnet50")
+    assert (t_plain.train.class_weights, t_weighted.train.class_weights) == (
+        "none", "median_frequency")
+    runs = Path("runs/bench")
+    t_dirs = run_dir(runs, plain, t_plain), run_dir(runs, weighted, t_weighted)
+    assert t_dirs[0] != t_dirs[1]  # a weighted table never reuses the unweighted teacher
+    for method in ("none", "kd", "pcd"):
+        s = student_spec(weighted, "deeplabv3_resnet18", method, 0, "deeplabv3_resnet50",
+                         t_dirs[1])
+        assert s.train.class_weights == "median_frequency"
