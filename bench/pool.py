@@ -211,7 +211,9 @@ def render_per_class(gains: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
-    docs = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
+    read = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
+    docs = [(name, doc) for name, doc in read if class_weights(doc) == args.class_weights]
+    other_weights = [name for name, doc in read if class_weights(doc) != args.class_weights]
     runs, left_out, sources = load_runs(docs, args.scale, args.class_weights)
     gains = pooled_gains(runs, METRICS)
     print(render(gains))
@@ -222,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, n in left_out.items():
         if n:
             print(f"\n{name}: {n} runs of other specs (older defaults) left out")
+    if other_weights:
+        print(f"\nnot pooled (trained with other class weights): {', '.join(other_weights)}")
     doc = {"scale": args.scale, "class_weights": args.class_weights,
            "command": " ".join(["python bench/pool.py", *sys.argv[1:]]),
-           "files": [name for name, _ in docs], "teachers": sources, "left_out": left_out,
-           "gains": gains}
+           "files": [name for name, _ in docs], "other_class_weights": other_weights,
+           "teachers": sources, "left_out": left_out, "gains": gains}
     if args.per_class:
         doc["per_class_gains"] = per_class
     weighted = "" if args.class_weights == "none" else f"_{args.class_weights}"
