@@ -47,7 +47,7 @@ from bench._runs import (
     student_spec,
     teacher_spec,
 )
-from pcd_core.spec import RunSpec
+from pcd_core.spec import CLASS_WEIGHT_CHOICES, RunSpec
 
 DEFAULT_STUDENTS = ["deeplabv3_resnet18", "deeplabv3_mobilenet_v2"]
 DEFAULT_METHODS = ["none", "kd", "cwd", "pcd"]
@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="train every student N iterations instead of the scale's budget (the "
                    "teacher is unchanged; warmup and checkpoints scale with N): does a gap "
                    "between methods grow or shrink with training length?")
-    p.add_argument("--class-weights", choices=["none", "median_frequency"], default="none",
+    p.add_argument("--class-weights", choices=CLASS_WEIGHT_CHOICES, default="none",
                    help="train.class_weights of the teacher and every student: the whole "
                    "table's task loss (median_frequency: can a teacher that learns the thin "
                    "classes pass them on?); default none, the table as pooled so far")

@@ -48,6 +48,7 @@ from bench._common import (
     write_json,
 )
 from bench._runs import run_dir, teacher_spec
+from pcd_core.spec import CLASS_WEIGHT_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -65,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="accuracy JSONs (default: bench/results/accuracy_<scale>*.json)")
     p.add_argument("--scale", default="cpu", help="only files of this scale")
     p.add_argument("--out", type=Path, help="default bench/results/pooled_<scale>.json")
-    p.add_argument("--class-weights", choices=["none", "median_frequency"], default="none",
+    p.add_argument("--class-weights", choices=CLASS_WEIGHT_CHOICES, default="none",
                    help="pool only the tables trained with this train.class_weights "
                    "(accuracy.py --class-weights); default none")
     p.add_argument("--per-class", action="store_true",

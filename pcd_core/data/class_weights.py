@@ -1,13 +1,14 @@
 """Per-class weights for the task loss: ``train.class_weights`` of a run spec.
 
-Street scenes are dominated by a few classes (road, sky, building cover most of a CamVid
-frame; pole and sign_symbol well under 1 %), so a network trained with plain cross-entropy
-on a small budget can ignore the thin classes altogether: at the cpu bench scale every
-teacher and every student scored exactly 0 IoU on pole and sign_symbol (bench/README.md,
-"Pooled over teachers"). A teacher that never predicts a class has nothing about it to
-distil. Median frequency balancing (Eigen & Fergus, ICCV 2015; the weighting SegNet trained
-CamVid with) scales each class's loss by ``median(freq) / freq(c)``, where ``freq(c)`` is
-the class's pixels over the labelled pixels of the images that contain it.
+Street scenes are dominated by a few classes (road, building and sky are 72 % of CamVid's
+train pixels; pole 1.0 %, sign_symbol 1.2 %, pedestrian 0.6 %, bicyclist 0.3 %), so a
+network trained with plain cross-entropy on a small budget can ignore the thin classes
+altogether: at the cpu bench scale every teacher and every student scored exactly 0 IoU on
+pole and sign_symbol (bench/README.md, "Pooled over teachers"). A teacher that never
+predicts a class has nothing about it to distil. Median frequency balancing (Eigen & Fergus,
+ICCV 2015; the weighting SegNet trained CamVid with) scales each class's loss by
+``median(freq) / freq(c)``, where ``freq(c)`` is the class's pixels over the labelled pixels
+of the images that contain it.
 
 The weights apply to the cross-entropy terms only (main and aux): the distillation terms
 follow the teacher's distribution, which is what they are there to transfer.
@@ -53,8 +54,8 @@ def summary_weights(summary: DatasetSummary) -> list[float]:
 
 def resolve_class_weights(spec: RunSpec) -> list[float] | None:
     """The CE class weights a run trains with: None (unweighted), the spec's own list, or
-    median frequency weights counted over the train split (every label is decoded once:
-    seconds for CamVid, about a minute for Cityscapes on a few cores)."""
+    median frequency weights counted over the train split (``validate_dataset`` decodes
+    every image and label once: 0.8 s for CamVid's 367 frames on two cores)."""
     choice = spec.train.class_weights
     if choice == "none":
         return None
