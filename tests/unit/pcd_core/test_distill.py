@@ -470,7 +470,7 @@ def test_the_loop_scales_pcd_logit_kd_by_its_own_schedule(
         def forward(self, img: Tensor) -> dict[str, Tensor]:
             return self.fixed
 
-    models = SimpleNamespace(method=method, teacher=Fixed(t_out))
+    models = SimpleNamespace(method=method, teacher=Fixed(t_out), class_weights=None)
     losses = compute_losses(spec, models, Fixed(s_out), torch.zeros(2, 3, 12, 14), target, 3,
                             None)  # type: ignore[arg-type]
     assert losses["pcd"].item() == pytest.approx(0.25 * unscaled["pcd"].item(), rel=1e-6)

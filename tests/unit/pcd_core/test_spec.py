@@ -81,10 +81,11 @@ def _run_spec(**method: object) -> RunSpec:
 
 def _hash_before_later_fields(spec: RunSpec) -> str:
     """The hash of ``spec`` as computed before prune/adapter/weight_schedule/logit_kd_tau/
-    logit_kd_schedule."""
+    logit_kd_schedule (method) and class_weights (train)."""
     data = spec.model_dump(mode="json")
     for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau", "logit_kd_schedule"):
         del data["method"][later]
+    del data["train"]["class_weights"]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -99,7 +100,10 @@ def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": 1.0}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": None}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_schedule": "constant"})]
-    assert len({before, *(c.spec_hash() for c in changed)}) == 7
+    weighted = _run_spec(**OLD_PCD).model_dump()
+    weighted["train"]["class_weights"] = "median_frequency"
+    changed.append(RunSpec.model_validate(weighted))
+    assert len({before, *(c.spec_hash() for c in changed)}) == 8
 
 
 def test_adapter_is_refused_outside_pcd():

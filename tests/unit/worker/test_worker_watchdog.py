@@ -196,7 +196,9 @@ def test_a_run_whose_loader_worker_is_stopped_is_ended_and_its_worker_killed(
         from worker_helpers import make_settings
         from worker.runner import execute_job
 
-        settings = make_settings(Path({str(world.root)!r}), stall_timeout_s=3.0)
+        # 8 s: one training step of this tiny run took over 3 s on a CI machine that also
+        # ran two benchmark processes, and the watchdog ended the run before it stalled
+        settings = make_settings(Path({str(world.root)!r}), stall_timeout_s=8.0)
         execute_job({job_id!r}, settings=settings, worker_id="stalls")
     """)], cwd=REPO, stderr=(tmp_path / "run.err").open("w"))  # not a pipe the worker holds
     try:
