@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,7 +23,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 PositiveInt = Annotated[int, Field(gt=0)]
-CLASS_WEIGHT_CHOICES = ("none", "median_frequency")
+ClassWeightChoice = Literal["none", "median_frequency"]
+CLASS_WEIGHT_CHOICES: tuple[str, ...] = get_args(ClassWeightChoice)
 
 
 class _Strict(BaseModel):
@@ -198,7 +199,7 @@ class TrainSpec(_Strict):
     aux_weight: float = Field(default=0.4, ge=0)
     # Added later: rare classes (pole, sign_symbol) get no gradient worth the name under plain
     # CE on a short budget, and a teacher that never predicts them has nothing to distil.
-    class_weights: Literal["none", "median_frequency"] | list[float] = Field(
+    class_weights: ClassWeightChoice | list[float] = Field(
         default="none", description="weights of the cross-entropy terms per class: none, "
         "median_frequency (counted over the train split at run start), or one positive "
         "number per class; the distillation terms are never weighted")

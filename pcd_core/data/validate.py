@@ -96,9 +96,8 @@ def validate_dataset(spec: DatasetSpec, split: str, *,
         # map yields in index order and re-raises an item's error when reaching it.
         for hist, size in pool.map(lambda i: _check_item(source, i, spec), range(n)):
             counts[: hist.shape[0]] += hist
-            in_label = np.zeros(k, dtype=np.int64)
-            in_label[: min(k, hist.shape[0])] = hist[:k]
-            image_pixels[in_label > 0] += in_label.sum()
+            labelled = hist[:k]  # this label's class histogram, ignore excluded
+            image_pixels[: labelled.shape[0]][labelled > 0] += labelled.sum()
             sizes.add(size)
     return DatasetSummary(
         split=split, format=spec.format, num_images=n,
