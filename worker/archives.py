@@ -16,8 +16,11 @@ import shutil
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 _MARKER = ".pcd-complete"
 
@@ -39,11 +42,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def extract_cached(archive: Path, cache_dir: Path, sha256: str | None = None) -> Path:
+def extract_cached(archive: Path, cache_dir: Path, sha256: str | None = None,
+                   on_member: Callable[[], object] | None = None) -> Path:
     """Extract ``archive`` under ``cache_dir/extracted/<sha256>`` once; return the data root.
 
     The data root is the extracted tree, descending through a lone top-level directory
-    (``camvid.tar`` usually holds ``camvid/train/...``).
+    (``camvid.tar`` usually holds ``camvid/train/...``). ``on_member`` is called after each
+    member is written (the worker's stall watchdog: a big archive unpacks for minutes).
     """
     key = sha256 or file_sha256(archive)
     target = cache_dir / "extracted" / key
@@ -51,7 +56,7 @@ def extract_cached(archive: Path, cache_dir: Path, sha256: str | None = None) ->
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=target.parent))
         try:
-            _extract(archive, tmp)
+            _extract(archive, tmp, on_member or _nothing)
             (tmp / _MARKER).write_text(key)
             try:
                 os.replace(tmp, target)
@@ -75,25 +80,37 @@ def data_root(path: Path) -> Path:
             return path
 
 
-def _extract(archive: Path, dest: Path) -> None:
+def _nothing() -> None:
+    return None
+
+
+def _extract(archive: Path, dest: Path, on_member: Callable[[], object]) -> None:
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, dest)
+            _extract_zip(archive, dest, on_member)
         elif tarfile.is_tarfile(archive):
-            _extract_tar(archive, dest)
+            _extract_tar(archive, dest, on_member)
         else:
             raise ArchiveError(f"{archive.name}: not a tar or zip archive")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise ArchiveError(f"{archive.name}: unreadable archive ({exc})") from exc
 
 
-def _extract_tar(archive: Path, dest: Path) -> None:
+def _reporting(members: Iterable[T], on_member: Callable[[], object]) -> Iterator[T]:
+    """``members`` unchanged; ``on_member`` runs as each next one is asked for, i.e. after
+    the previous one was written."""
+    for member in members:
+        yield member
+        on_member()
+
+
+def _extract_tar(archive: Path, dest: Path, on_member: Callable[[], object]) -> None:
     with tarfile.open(archive, mode="r:*") as tar:
         if hasattr(tarfile, "data_filter"):
             # Python's "data" filter refuses absolute paths, '..', links out of dest and
             # device files, and strips set-uid bits: exactly what user archives need.
             try:
-                tar.extractall(dest, filter="data")
+                tar.extractall(dest, members=_reporting(tar, on_member), filter="data")
             except tarfile.FilterError as exc:
                 raise ArchiveError(f"{archive.name}: unsafe member ({exc})") from exc
             return
@@ -103,15 +120,16 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             if member.issym() or member.islnk() or member.isdev():
                 raise ArchiveError(f"{archive.name}: links and devices are refused "
                                    f"({member.name})")
-        tar.extractall(dest)
+        tar.extractall(dest, members=_reporting(tar.getmembers(), on_member))
 
 
-def _extract_zip(archive: Path, dest: Path) -> None:
+def _extract_zip(archive: Path, dest: Path, on_member: Callable[[], object]) -> None:
     root = dest.resolve()
     with zipfile.ZipFile(archive) as zf:
-        for name in zf.namelist():
+        names = zf.namelist()
+        for name in names:
             _check_inside(root, name, archive)
-        zf.extractall(dest)
+        zf.extractall(dest, members=_reporting(names, on_member))
 
 
 def _check_inside(root: Path, name: str, archive: Path) -> None:

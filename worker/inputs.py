@@ -17,6 +17,7 @@ cache.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
@@ -58,7 +59,7 @@ def prepare(spec: JobSpec, ctx: RunContext) -> RunSpec:
     run_spec = RunSpec.model_validate(data)
     ctx.row.log("info", f"dataset at {ds_path}")
     validate_teacher(run_spec)
-    validate_data(run_spec)
+    validate_data(run_spec, on_item=ctx.watchdog.alive)
     return run_spec
 
 
@@ -78,13 +79,13 @@ def validate_teacher(spec: RunSpec) -> None:
         raise _failure("teacher_unreadable", str(exc)) from exc
 
 
-def validate_data(spec: RunSpec) -> None:
+def validate_data(spec: RunSpec, on_item: Callable[[], object] | None = None) -> None:
     """Scan the train and val splits (files present, stems matched, labels in range)."""
     from pcd_core.data import DatasetError, validate_dataset
 
     for split in (spec.dataset.train_split, spec.dataset.val_split):
         try:
-            validate_dataset(spec.dataset, split)
+            validate_dataset(spec.dataset, split, on_item=on_item)
         except DatasetError as exc:
             raise _failure(dataset_code(exc), f"{split}: {exc}") from exc
 
@@ -98,7 +99,7 @@ def resolve_dataset(uri: str, ctx: RunContext, cache: Path) -> Path:
     if path.is_dir():
         return path
     try:
-        return extract_cached(path, cache)
+        return extract_cached(path, cache, on_member=ctx.watchdog.alive)
     except ArchiveError as exc:
         raise _failure("dataset_invalid", str(exc)) from exc
 
@@ -108,7 +109,7 @@ def resolve_file(uri: str, ctx: RunContext, cache: Path, *, what: str,
     """A local path for ``uri``: the file itself when local, else a cached download."""
     if uri.startswith("upload:"):
         key, sha256 = _upload(uri[len("upload:"):], ctx, what)
-        return _fetch(ctx.store, key, cache, sha256, what)
+        return _fetch(ctx.store, key, cache, sha256, what, ctx)
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path) if parsed.scheme else uri).expanduser()
@@ -116,7 +117,7 @@ def resolve_file(uri: str, ctx: RunContext, cache: Path, *, what: str,
             return path.resolve()
         if parsed.scheme == "":
             raise _failure(_missing_code(what), f"{what} {uri} does not exist on the worker")
-    return _fetch(storage.open_store(_store_root(uri, ctx)), uri, cache, None, what)
+    return _fetch(storage.open_store(_store_root(uri, ctx)), uri, cache, None, what, ctx)
 
 
 def _missing_code(what: str) -> str:
@@ -141,9 +142,11 @@ def _store_root(uri: str, ctx: RunContext) -> str:
     return f"{parsed.scheme}://{parsed.netloc}"
 
 
-def _fetch(store: Any, uri_or_key: str, cache: Path, sha256: str | None, what: str) -> Path:
+def _fetch(store: Any, uri_or_key: str, cache: Path, sha256: str | None, what: str,
+           ctx: RunContext) -> Path:
     try:
-        return Path(storage.fetch_cached(store, uri_or_key, cache, sha256))
+        return Path(storage.fetch_cached(store, uri_or_key, cache, sha256,
+                                         on_chunk=ctx.watchdog.alive))
     except FileNotFoundError as exc:
         raise _failure(_missing_code(what), f"{what} {uri_or_key} not found in storage") \
             from exc
@@ -161,6 +164,7 @@ def _fetch_prefix(uri: str, ctx: RunContext, cache: Path) -> Path:
         if not dest.exists() or dest.stat().st_size != obj.size:
             dest.parent.mkdir(parents=True, exist_ok=True)
             store.get_file(obj.key, dest)
+        ctx.watchdog.alive()
         count += 1
     if count == 0:
         raise _failure("dataset_empty", f"no objects under {uri}")

@@ -78,6 +78,7 @@ def fetch_resume_checkpoint(ctx: RunContext) -> Path | None:
     dest = ctx.work_dir / "resume.pt"
     try:
         ctx.store.get_file(ctx.store.key_from_uri(uri), dest)
+        ctx.watchdog.alive()
     except storage.ObjectNotFound:
         ctx.row.log("warning", f"attempt {ctx.snap.attempt}: the checkpoint at iteration "
                                f"{iteration} ({uri}) is gone; starting from iteration 0")
@@ -99,6 +100,7 @@ def upload_artifacts(ctx: RunContext, out_dir: Path) -> list[str]:
         sha256 = info.sha256 or sha256_of(path)
         ctx.row.artifact(name=name, kind=kind, key=key, uri=info.uri, size=info.size,
                          sha256=sha256)
+        ctx.watchdog.alive()
         uploaded.append(name)
     missing = {"student.safetensors", "model.json"} - set(uploaded)
     if missing:

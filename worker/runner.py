@@ -7,15 +7,18 @@ The Celery task only calls this (so tests call it without a broker). The order o
 2. Prepare: fetch the dataset and teacher into the cache, then validate them (teacher weights
    against the arch, the dataset's files) so a bad input fails in seconds as a *user* error,
    never retried.
-3. Train with callbacks that write progress to the row (throttled), upload checkpoints,
-   end the process of a run that stalls (worker/watchdog.py), and stop cooperatively on
-   cancel: the engine polls during the scoring pass, training,
+3. Train with callbacks that write progress to the row (throttled), upload checkpoints
+   and stop cooperatively on cancel: the engine polls during the scoring pass, training,
    evaluations and between export formats, and the runner checks once more (unthrottled)
    before uploading, so a cancel that arrives before the upload never ends ``succeeded``.
    A re-run (attempt > 1) resumes from the row's checkpoint.
 4. Upload the artifacts with their sha256, set the final phase (``done``), then finish the
    row. Every failure ends in a stable error code (docs/CONTRACTS.md); unexpected ones are
    ``internal`` with the traceback in the job log.
+
+A stall watchdog (worker/watchdog.py) is armed from step 2 to the end of step 4: an attempt
+that shows no sign of life (a downloaded chunk, a checked file, a training step, an uploaded
+artifact) for ``stall_timeout_s`` is ended with its stacks in the log and re-queued.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class RunContext:
     work_dir: Path
     progress: DbProgress
     heartbeat: Heartbeat
+    watchdog: StallWatchdog  # armed by _run for the whole attempt, fed by every stage
 
 
 def execute_job(job_id: str, *, settings: Settings | None = None,
@@ -107,12 +111,20 @@ def _context(settings: Settings, row: JobRow, snap: JobSnapshot, beat: Heartbeat
     store = outputs.open_job_store(settings)
     progress = DbProgress(row, min_interval_s=settings.progress_interval_s, stop_flag=beat.lost,
                           drain=DrainRequested(settings))
-    ctx = RunContext(settings, row, snap, spec, store, work, progress, beat)
+    watchdog = StallWatchdog(settings.stall_timeout_s, beat.report_fd)
+    ctx = RunContext(settings, row, snap, spec, store, work, progress, beat, watchdog)
     progress.checkpoint_hook = lambda it, path: outputs.upload_checkpoint(ctx, it, path)
     return ctx
 
 
 def _run(ctx: RunContext) -> str:
+    # One watchdog for the whole attempt: a fetch from a hung mount, a stuck data loader and
+    # an upload that never returns all hold the GPU alike (worker/watchdog.py).
+    with ctx.watchdog:
+        return _attempt(ctx)
+
+
+def _attempt(ctx: RunContext) -> str:
     ctx.progress.set_phase("preparing")
     run_spec = inputs.prepare(ctx.spec, ctx)  # fetch + validate; raises JobFailure early
     resume = outputs.fetch_resume_checkpoint(ctx)
@@ -122,16 +134,16 @@ def _run(ctx: RunContext) -> str:
         if gpus > 1:
             from worker.multigpu import run_distributed
 
-            run_distributed(run_spec.model_dump_json(), out_dir, gpus, [ctx.progress],
-                            resume=resume, stall_timeout_s=ctx.settings.stall_timeout_s)
+            with ctx.watchdog.suspended():  # each rank watches itself (worker/ddp_entry.py)
+                run_distributed(run_spec.model_dump_json(), out_dir, gpus, [ctx.progress],
+                                resume=resume, stall_timeout_s=ctx.settings.stall_timeout_s)
         else:
             from pcd_core import train
 
             # gpus=0 (the cpu queue) must not grab a GPU that happens to be on the host
             device = "cpu" if gpus == 0 else None
-            with StallWatchdog(ctx.settings.stall_timeout_s, ctx.heartbeat.report_fd) as dog:
-                train.run(run_spec, out_dir, callbacks=[dog, ctx.progress], resume=resume,
-                          device=device)
+            train.run(run_spec, out_dir, callbacks=[ctx.watchdog, ctx.progress],
+                      resume=resume, device=device)
     except RunCancelled as exc:
         return _cancelled(ctx, f"cancelled at iteration {exc.iteration}", exc.iteration)
     except RunStalled as exc:

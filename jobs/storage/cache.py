@@ -21,15 +21,19 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs.storage.base import ChecksumMismatch, Hasher, ObjectNotFound, ObjectStore
 
 
 def fetch_cached(store: ObjectStore, uri: str, cache_dir: str | Path,
-                 expected_sha256: str | None = None) -> Path:
+                 expected_sha256: str | None = None,
+                 on_chunk: Callable[[int], object] | None = None) -> Path:
     """A local path holding the object ``uri`` (a URI of ``store`` or a bare key).
 
+    ``on_chunk`` is called with the size of each downloaded chunk (a download of gigabytes
+    is minutes of silence otherwise: the worker's stall watchdog listens to it).
     Raises ``ObjectNotFound`` (a ``FileNotFoundError``) when it is missing and
     ``ChecksumMismatch`` when its bytes do not hash to ``expected_sha256``.
     """
@@ -47,7 +51,7 @@ def fetch_cached(store: ObjectStore, uri: str, cache_dir: str | Path,
     known = expected or info.sha256 or _ref(cache, store.uri(key), info.version, info.size)
     if known and (hit := _hit(cache, known, name)):
         return hit
-    path = _download(store, key, cache, name, expected or info.sha256)
+    path = _download(store, key, cache, name, expected or info.sha256, on_chunk)
     if info.version:
         _write_ref(cache, store.uri(key), info.version, info.size, path.parent.name)
     return path
@@ -75,7 +79,7 @@ def _hit(cache: Path, sha256: str, name: str) -> Path | None:
 
 
 def _download(store: ObjectStore, key: str, cache: Path, name: str,
-              expected: str | None) -> Path:
+              expected: str | None, on_chunk: Callable[[int], object] | None) -> Path:
     tmp = _tmp(cache)
     hasher = Hasher(key)
     try:
@@ -83,6 +87,8 @@ def _download(store: ObjectStore, key: str, cache: Path, name: str,
             for chunk in store.open_stream(key):
                 hasher.update(chunk)
                 fh.write(chunk)
+                if on_chunk is not None:
+                    on_chunk(len(chunk))
         sha256 = hasher.hexdigest
         if expected and sha256 != expected:
             raise ChecksumMismatch(f"{store.uri(key)} downloaded with sha256 {sha256}, "

@@ -10,6 +10,7 @@ fails only when decoded); decoding runs in a thread pool because PIL releases th
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,9 +76,12 @@ def _label_name(source: Source, index: int) -> str:
     return source.name(index)
 
 
-def validate_dataset(spec: DatasetSpec, split: str, *,
-                     max_threads: int | None = None) -> DatasetSummary:
+def validate_dataset(spec: DatasetSpec, split: str, *, max_threads: int | None = None,
+                     on_item: Callable[[], object] | None = None) -> DatasetSummary:
     """Decode and check every item of ``split``; return its :class:`DatasetSummary`.
+
+    ``on_item`` is called after each checked item: a caller that watches for stalls (the
+    service's worker) sees a long scan of a big dataset as progress, not silence.
 
     Raises :class:`DatasetError` (code ``dataset_empty`` for no images) naming the first
     offending file in sorted order, so the message is the same however threads interleave.
@@ -99,6 +103,8 @@ def validate_dataset(spec: DatasetSpec, split: str, *,
             labelled = hist[:k]  # this label's class histogram, ignore excluded
             image_pixels[: labelled.shape[0]][labelled > 0] += labelled.sum()
             sizes.add(size)
+            if on_item is not None:
+                on_item()
     return DatasetSummary(
         split=split, format=spec.format, num_images=n,
         class_pixel_counts=[int(c) for c in counts[:k]],

@@ -178,6 +178,9 @@ def fetch_cached_downloads_once(store: ObjectStore, base: str, tmp: Path) -> Non
     assert first == again == pinned and first.name == "t.safetensors"
     assert first.read_bytes() == data and first.parent.name == sha(data)
     assert len(calls) == 1, "the second and third fetch must hit the cache"
+    sizes: list[int] = []  # what the worker's stall watchdog hears during a download
+    fetch_cached(store, info.uri, tmp / "cache3", on_chunk=sizes.append)
+    assert sizes and sum(sizes) == len(data)
     with pytest.raises(ChecksumMismatch):
         fetch_cached(store, info.uri, tmp / "cache2", expected_sha256="0" * 64)
     assert not list((tmp / "cache2" / "objects").glob("*/*"))  # nothing corrupt cached

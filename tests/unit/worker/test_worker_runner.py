@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from worker_helpers import tar_gz
 
 from jobs import service
 from jobs.models import Job
@@ -19,18 +18,10 @@ from worker.reaper import reap_once
 from worker.runner import classify, execute_job
 
 
-def _tar(src: Path, dest: Path) -> Path:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(src, arcname=src.name)
-    dest.write_bytes(buf.getvalue())
-    return dest
-
-
 @pytest.mark.slow
 def test_succeeds_with_artifacts_and_is_idempotent(world, dataset_dir, teacher_file,
                                                    make_spec, tmp_path: Path) -> None:
-    ds = world.upload(_tar(dataset_dir, tmp_path / "ds.tar.gz"), "dataset")
+    ds = world.upload(tar_gz(dataset_dir, tmp_path / "ds.tar.gz"), "dataset")
     teacher = world.upload(teacher_file, "checkpoint")
     job_id = world.submit(make_spec(ds, teacher))
 

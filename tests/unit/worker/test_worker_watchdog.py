@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from worker_helpers import tar_gz
 
 from worker.procs import argv_of, child_pids, process_alive
 from worker.reaper import reap_once
@@ -108,6 +109,81 @@ def test_signs_of_life_rearm_at_most_once_per_twentieth_of_the_timeout(monkeypat
             now[0] = step * 1.0  # a sign of life every second
             dog.should_stop()
     assert armed == [0.0, 5.0, 10.0, 15.0, 20.0]
+
+
+def test_a_suspended_watchdog_is_disarmed_and_armed_afresh_after(monkeypatch) -> None:
+    import faulthandler
+
+    now = [0.0]
+    calls: list[tuple[str, float]] = []
+    monkeypatch.setattr(faulthandler, "dump_traceback_later",
+                        lambda *a, **k: calls.append(("arm", now[0])))
+    monkeypatch.setattr(faulthandler, "cancel_dump_traceback_later",
+                        lambda: calls.append(("cancel", now[0])))
+    with StallWatchdog(100.0, lambda: 2, clock=lambda: now[0]) as dog:
+        now[0] = 1.0
+        with dog.suspended():
+            assert not dog.armed
+            now[0] = 500.0  # far past the timeout: nothing is armed to fire
+            dog.alive()
+            assert not dog.armed
+        assert dog.armed
+    assert calls == [("arm", 0.0), ("cancel", 1.0), ("arm", 500.0), ("cancel", 500.0)]
+
+
+def test_every_stage_of_an_attempt_feeds_the_watchdog(world, dataset_dir, make_spec,
+                                                      monkeypatch, tmp_path: Path) -> None:
+    """Preparing (download, unpacking, the dataset scan) and uploading send signs of life,
+    not only training: a big dataset that takes longer than the timeout to fetch or check
+    is progress, not a stall."""
+    import traceback
+
+    stages: set[str] = set()
+
+    def alive(self: StallWatchdog, *_: object) -> None:
+        stages.update(frame.name for frame in traceback.extract_stack())
+
+    monkeypatch.setattr(StallWatchdog, "alive", alive)
+    ds = world.upload(tar_gz(dataset_dir, tmp_path / "ds.tar.gz"), "dataset")
+    job_id = world.submit(make_spec(ds, None))
+    assert execute_job(job_id, settings=world.settings, worker_id="w1") == "succeeded"
+    for stage in ("_download", "_reporting", "validate_dataset", "upload_artifacts"):
+        assert stage in stages, sorted(stages)
+
+
+@pytest.mark.parametrize("stage", ["preparing", "uploading"])
+def test_a_hang_outside_training_is_ended_with_its_stacks_and_requeued(
+        world, dataset_dir, make_spec, stage: str) -> None:
+    """A dataset fetch from a hung mount, or an artifact upload that never returns, holds
+    the worker like a stuck training step: the watchdog covers the whole attempt."""
+    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=2))
+    target = "inputs.resolve_dataset" if stage == "preparing" else "outputs.upload_artifacts"
+    run = _python(f"""
+        import sys, time
+        sys.path.insert(0, {str(HELPERS)!r})
+        from pathlib import Path
+        from worker_helpers import make_settings
+        from worker import inputs, outputs
+        from worker.runner import execute_job
+
+        def stuck_on_a_hung_mount(*args, **kwargs):
+            time.sleep(60)
+
+        {target} = stuck_on_a_hung_mount
+        settings = make_settings(Path({str(world.root)!r}), stall_timeout_s=8.0)
+        execute_job({job_id!r}, settings=settings, worker_id="stalls")
+    """)
+    assert run.returncode == 1, run.stderr[-2000:]
+    deadline = time.monotonic() + 20
+    while "stall watchdog" not in world.logs(job_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    logs = world.logs(job_id)
+    assert "the stall watchdog ended the run" in logs and "stuck_on_a_hung_mount" in logs, logs
+    job = world.job(job_id)
+    assert job.status == "running" and job.phase == stage
+    world.update(job_id, heartbeat_at=datetime.now(timezone.utc) - timedelta(seconds=60))
+    [reaped] = reap_once(world.settings, enqueue=lambda j, q: None)
+    assert reaped.outcome == "requeued"
 
 
 def test_a_stalled_job_is_logged_with_its_stacks_requeued_and_run_again(

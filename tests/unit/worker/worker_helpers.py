@@ -3,6 +3,7 @@ by name when several test folders have one)."""
 
 from __future__ import annotations
 
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +25,10 @@ def make_settings(root: Path, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def tar_gz(src: Path, dest: Path) -> Path:
+    """``src`` as ``dest``, a gzipped tar holding the directory under its own name."""
+    with tarfile.open(dest, mode="w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    return dest
