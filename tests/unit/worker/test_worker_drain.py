@@ -54,10 +54,18 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
     return messages
 
 
+@pytest.mark.parametrize("gpus", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_draining_worker_releases_the_job_and_the_next_attempt_resumes_there(
-        world, dataset_dir, make_spec, sent) -> None:
-    job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=120,
-                                    checkpoint_every=120))
+        world, dataset_dir, make_spec, sent, monkeypatch: pytest.MonkeyPatch,
+        gpus: int) -> None:
+    """gpus=2 is the real torchrun with two CPU ranks on Gloo: the drain reaches the ranks
+    through the stop file, and rank 0's checkpoint is relayed and uploaded before the
+    supervisor hands the job back."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    queue = "gpu" if gpus else "cpu"
+    spec = make_spec(f"file://{dataset_dir}", None, iterations=120, checkpoint_every=120)
+    spec["resources"] = {"gpus": gpus, "queue": queue}
+    job_id = world.submit(spec)
     watcher = _drain_when(world, job_id, 5)
     try:
         assert execute_job(job_id, settings=world.settings, worker_id="draining") == "released"
@@ -71,7 +79,7 @@ def test_a_draining_worker_releases_the_job_and_the_next_attempt_resumes_there(
     released_at = job.checkpoint_iteration
     assert released_at is not None and 5 <= released_at < 120, logs
     assert f"released at iteration {released_at}" in logs
-    assert sent == [(job_id, "cpu")] and "could not be re-sent" not in logs
+    assert sent == [(job_id, queue)] and "could not be re-sent" not in logs
 
     assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded"
     job = world.job(job_id)
@@ -124,31 +132,3 @@ def test_a_cancel_wins_over_a_drain(world, dataset_dir, make_spec, sent) -> None
         thread.join(timeout=5)
         clear_drain(world.settings)
     assert world.job(job_id).status == "cancelled"
-
-
-@pytest.mark.slow
-def test_a_draining_worker_releases_a_multi_gpu_job_at_its_ranks_checkpoint(
-        world, dataset_dir, make_spec, sent, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same story through the real torchrun, two CPU ranks on Gloo: the drain reaches
-    the ranks through the stop file, rank 0's checkpoint is relayed and uploaded before the
-    supervisor hands the job back, and the next attempt resumes there."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    spec = make_spec(f"file://{dataset_dir}", None, iterations=200, checkpoint_every=200)
-    spec["resources"] = {"gpus": 2, "queue": "gpu"}
-    job_id = world.submit(spec)
-    watcher = _drain_when(world, job_id, 3)
-    try:
-        assert execute_job(job_id, settings=world.settings, worker_id="draining") == "released"
-    finally:
-        watcher.join(timeout=5)
-        clear_drain(world.settings)
-    job = world.job(job_id)
-    logs = world.logs(job_id)
-    assert job.status == "queued" and job.worker_id is None, logs
-    released_at = job.checkpoint_iteration
-    assert released_at is not None and 3 <= released_at < 200, logs
-    assert f"released at iteration {released_at}" in logs
-    assert sent == [(job_id, "gpu")]
-
-    assert execute_job(job_id, settings=world.settings, worker_id="w2") == "succeeded"
-    assert f"resuming from checkpoint at iteration {released_at}" in world.logs(job_id)
