@@ -76,6 +76,9 @@ class Scale:
     # ``train.class_weights`` of the teacher and every student (bench/accuracy.py
     # --class-weights): the task loss of the whole table, never one method's advantage.
     class_weights: str = "none"
+    # ``train.seed`` of the teacher (bench/accuracy.py --teacher-seed): a second teacher
+    # from the same spec on a machine kind whose floating-point order repeats another's.
+    teacher_seed: int = 0
 
     @property
     def eval_hw(self) -> tuple[int, int]:

@@ -75,12 +75,13 @@ def train_dict(scale: Scale, iterations: int, seed: int) -> dict[str, Any]:
 
 
 def teacher_spec(scale: Scale, arch: str) -> RunSpec:
-    """Teacher: plain CE with an aux head (torchvision's recipe), trained once, seed 0."""
+    """Teacher: plain CE with an aux head (torchvision's recipe), trained once, with the
+    scale's ``teacher_seed`` (0 unless a table asks for another teacher)."""
     return RunSpec.model_validate({
         "name": f"teacher-{arch}", "dataset": dataset_dict(scale),
         "student": {"arch": arch, "output_stride": scale.output_stride, "aux": True},
         "method": {"name": "none"},
-        "train": train_dict(scale, scale.teacher_iterations, 0),
+        "train": train_dict(scale, scale.teacher_iterations, scale.teacher_seed),
     })
 
 

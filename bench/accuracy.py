@@ -66,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs/bench"))
     p.add_argument("--out", type=Path, help="default bench/results/accuracy_<scale>.json")
     p.add_argument("--teacher-only", action="store_true")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="train.seed of the teacher (default 0): another teacher from the same "
+                   "spec, for pooling over teachers on a machine kind that repeats another "
+                   "kind's teacher bit for bit; students are unchanged but for the teacher "
+                   "they distil from")
     p.add_argument("--recorded", action="store_true",
                    help="runs missing under --runs-dir are taken from committed "
                    "bench/results JSON measured on this CPU model (and not trained); the "
@@ -105,9 +110,10 @@ def run_name(args: argparse.Namespace, student: str, method: str, seed: int) -> 
 
 
 def scale_of(args: argparse.Namespace) -> Scale:
-    """The named scale, with the student budget of ``--student-iterations`` when given and
-    the table's ``--class-weights``."""
-    scale = dataclasses.replace(SCALES[args.scale], class_weights=args.class_weights)
+    """The named scale, with the student budget of ``--student-iterations`` when given, the
+    table's ``--class-weights`` and ``--teacher-seed``."""
+    scale = dataclasses.replace(SCALES[args.scale], class_weights=args.class_weights,
+                                teacher_seed=args.teacher_seed)
     if args.student_iterations:
         scale = dataclasses.replace(scale, student_iterations=args.student_iterations)
     return scale

@@ -89,11 +89,14 @@ def class_weights(doc: dict[str, Any]) -> str:
 
 
 def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int | None = None,
-                   weights: str = "none") -> dict[tuple[str, str, int], str]:
+                   weights: str = "none", teacher_seed: int = 0
+                   ) -> dict[tuple[str, str, int], str]:
     """The spec hash the current code would train for each (student, method, seed) named, at
-    ``iterations`` student iterations (default: the scale's budget) and class ``weights``."""
+    ``iterations`` student iterations (default: the scale's budget), class ``weights`` and
+    against the teacher of ``teacher_seed``."""
     budget = [] if iterations is None else ["--student-iterations", str(iterations)]
-    args = accuracy.parse_args(["--scale", scale_name, *budget, "--class-weights", weights])
+    args = accuracy.parse_args(["--scale", scale_name, *budget, "--class-weights", weights,
+                                "--teacher-seed", str(teacher_seed)])
     scale = accuracy.scale_of(args)
     t_arch = TEACHERS[scale_name]
     t_dir = run_dir(args.runs_dir, scale, teacher_spec(scale, t_arch))
@@ -116,7 +119,8 @@ def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str, weights: 
         teacher = float(doc["teacher"]["miou"])
         sources[teacher].append(name)
         iterations = student_iterations(doc)
-        wanted = current_hashes(scale_name, doc["runs"], iterations, weights)
+        wanted = current_hashes(scale_name, doc["runs"], iterations, weights,
+                                int(doc.get("scale_config", {}).get("teacher_seed", 0)))
         left_out[name] = 0
         for r in doc["runs"]:
             key = (r["student"], r["method"], r["seed"])

@@ -57,3 +57,20 @@ def test_class_weights_change_the_whole_table_teacher_included() -> None:
         s = student_spec(weighted, "deeplabv3_resnet18", method, 0, "deeplabv3_resnet50",
                          t_dirs[1])
         assert s.train.class_weights == "median_frequency"
+
+
+def test_a_teacher_seed_is_another_teacher_and_only_distilling_students_change() -> None:
+    base = scale_of(parse_args([]))
+    other = scale_of(parse_args(["--teacher-seed", "1"]))
+    assert scale_of(parse_args(["--teacher-seed", "0"])) == base  # the default table
+    t_base, t_other = (teacher_spec(s, "deeplabv3_resnet50") for s in (base, other))
+    assert (t_base.train.seed, t_other.train.seed) == (0, 1)
+    runs = Path("runs/bench")
+    t_dirs = run_dir(runs, base, t_base), run_dir(runs, other, t_other)
+    assert t_dirs[0] != t_dirs[1]
+    for method in ("none", "kd", "pcd"):
+        a, b = (student_spec(s, "deeplabv3_resnet18", method, 2, "deeplabv3_resnet50", d)
+                for s, d in zip((base, other), t_dirs, strict=True))
+        assert a.train.seed == b.train.seed == 2  # the student seed is the student's own
+        # CE learns from no teacher: one run serves both tables; KD and PCD are new runs
+        assert (a.spec_hash() == b.spec_hash()) is (method == "none")

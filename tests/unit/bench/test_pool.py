@@ -16,9 +16,10 @@ STUDENT = "deeplabv3_resnet18"
 
 
 def run(method: str, seed: int, miou: float, spec_hash: str | None = None,
-        iterations: int | None = None, weights: str = "none") -> dict[str, Any]:
+        iterations: int | None = None, weights: str = "none",
+        teacher_seed: int = 0) -> dict[str, Any]:
     wanted = pool.current_hashes("cpu", [{"student": STUDENT, "method": method, "seed": seed}],
-                                 iterations, weights)
+                                 iterations, weights, teacher_seed)
     return {"student": STUDENT, "method": method, "seed": seed, "miou": miou,
             "thin_miou": miou / 10, "spec_hash": spec_hash or wanted[(STUDENT, method, seed)]}
 
@@ -89,6 +90,24 @@ def test_class_weighted_tables_pool_apart_from_unweighted_ones() -> None:
     assert (mf_gain["pairs"], mf_gain["mean"]) == (1, pytest.approx(7.0))
     assert list(plain_sources) == [0.46] and list(mf_sources) == [0.45]
     assert plain_left == {"a.json": 0} and mf_left == {"mf.json": 0}
+
+
+def test_a_table_of_another_teacher_seed_pools_as_another_teacher() -> None:
+    seed1 = [run("none", 0, 0.30, teacher_seed=1), run("pcd", 0, 0.36, teacher_seed=1)]
+    assert seed1[1]["spec_hash"] != run("pcd", 0, 0.36)["spec_hash"]  # another teacher
+    other = {"scale": "cpu", "teacher": {"miou": 0.44}, "runs": seed1,
+             "scale_config": {"teacher_seed": 1}}
+    docs = [("a.json", doc(0.46, [run("none", 0, 0.30), run("pcd", 0, 0.31)])),
+            ("seed1.json", other),
+            # a seed-1 student in a seed-0 file was trained against another teacher
+            ("c.json", doc(0.46, [run("pcd", 0, 0.31), run("pcd", 1, 0.36, teacher_seed=1)]))]
+    runs, left_out, sources = pool.load_runs(docs, "cpu")
+    gain = pool.pooled_gain(runs, STUDENT, "pcd", "none", "miou", 400)
+    assert gain is not None
+    assert (gain["pairs"], gain["teachers"]) == (2, 2)
+    assert gain["mean"] == pytest.approx((1 + 6) / 2)
+    assert left_out == {"a.json": 0, "seed1.json": 0, "c.json": 1}
+    assert sources == {0.46: ["a.json", "c.json"], 0.44: ["seed1.json"]}
 
 
 def test_the_gain_without_tree_skips_tree_and_runs_without_per_class_scores() -> None:
