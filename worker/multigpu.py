@@ -115,6 +115,8 @@ def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequenc
         except BaseException:
             _kill_group(proc)
             raise
+        finally:
+            _end_stragglers(proc)
     if final.get("event") == "cancelled" or (stop_requested_at and proc.returncode != 0):
         ckpt = final.get("checkpoint")
         raise RunCancelled(int(final.get("iteration", 0)), Path(ckpt) if ckpt else None)
@@ -136,6 +138,19 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _end_stragglers(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL whatever is left in torchrun's process group once torchrun has exited.
+
+    torchrun ends its ranks when one fails, but it may exit before a rank (or a rank's
+    DataLoader worker) has: a CI run saw one process of a stalled run alive a minute after
+    the supervisor returned. The group outlives its leader while any member lives, so one
+    signal to it reaches every straggler; nothing of a finished run may keep its GPUs."""
+    if proc.poll() is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:
