@@ -75,17 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def student_iterations(doc: dict[str, Any]) -> int:
-    """The student budget a results file was trained with (files written before the JSON
-    kept ``scale_config`` ran the scale's budget)."""
-    default = SCALES[doc["scale"]].student_iterations
-    return int(doc.get("scale_config", {}).get("student_iterations", default))
-
-
-def class_weights(doc: dict[str, Any]) -> str:
-    """The ``train.class_weights`` a results file's table was trained with (files written
-    before the option existed trained unweighted)."""
-    return str(doc.get("scale_config", {}).get("class_weights", "none"))
+def table_setting(doc: dict[str, Any], name: str) -> Any:
+    """One ``Scale`` field a results file's table was trained with (``student_iterations``,
+    ``class_weights``, ``teacher_seed``). A file written before the field existed ran the
+    scale's own value, which is what ``SCALES`` still holds."""
+    return doc.get("scale_config", {}).get(name, getattr(SCALES[doc["scale"]], name))
 
 
 def current_hashes(scale_name: str, runs: list[dict[str, Any]], iterations: int | None = None,
@@ -114,13 +108,13 @@ def load_runs(docs: list[tuple[str, dict[str, Any]]], scale_name: str, weights: 
     sources: dict[float, list[str]] = defaultdict(list)
     for name, doc in docs:
         if (doc.get("scale") != scale_name or not doc.get("teacher")
-                or class_weights(doc) != weights):
+                or table_setting(doc, "class_weights") != weights):
             continue
         teacher = float(doc["teacher"]["miou"])
         sources[teacher].append(name)
-        iterations = student_iterations(doc)
+        iterations = int(table_setting(doc, "student_iterations"))
         wanted = current_hashes(scale_name, doc["runs"], iterations, weights,
-                                int(doc.get("scale_config", {}).get("teacher_seed", 0)))
+                                int(table_setting(doc, "teacher_seed")))
         left_out[name] = 0
         for r in doc["runs"]:
             key = (r["student"], r["method"], r["seed"])
@@ -217,8 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     files = args.files or sorted(RESULTS.glob(f"accuracy_{args.scale}*.json"))
     read = [(display_name(f), json.loads(Path(f).read_text())) for f in files]
-    docs = [(name, doc) for name, doc in read if class_weights(doc) == args.class_weights]
-    other_weights = [name for name, doc in read if class_weights(doc) != args.class_weights]
+    weighted_as_asked = {name: table_setting(doc, "class_weights") == args.class_weights
+                         for name, doc in read}
+    docs = [(name, doc) for name, doc in read if weighted_as_asked[name]]
+    other_weights = [name for name, _ in read if not weighted_as_asked[name]]
     runs, left_out, sources = load_runs(docs, args.scale, args.class_weights)
     gains = pooled_gains(runs, METRICS)
     print(render(gains))
