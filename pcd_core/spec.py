@@ -127,6 +127,12 @@ class MethodSpec(_Strict):
     score_batches: PositiveInt = Field(default=8, description="batches in the scoring pass")
     score_weighting: bool = False
     tap: Literal["head", "backbone"] = "head"
+    # Added later: the KL of spatial softmaxes passes each matched channel's peaks (where the
+    # map is largest, sharpened by tau); "pearson" passes the whole map up to scale and offset.
+    feature_loss: Literal["spatial_kl", "pearson"] = Field(
+        default="spatial_kl", description="PCD: per matched pair, KL of spatial softmaxes at "
+        "tau (spatial_kl), or 1 - Pearson correlation over spatial locations (pearson; tau "
+        "unused)")
     logit_kd_weight: float = Field(default=0.0, ge=0, description="PCD: pixel-wise logit KD on "
                                    "top of the feature loss; left out: 1")
     # Added later: the feature loss wants a soft temperature (4) while pixel-wise logit KD is
@@ -155,6 +161,8 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="after")
     def _pcd_only(self) -> MethodSpec:
+        if self.feature_loss != "spatial_kl" and self.name != "pcd":
+            raise ValueError(f"feature_loss applies to method 'pcd' only, not {self.name!r}")
         if self.adapter and self.name != "pcd":
             raise ValueError(f"adapter applies to method 'pcd' only, not {self.name!r} "
                              f"(cwd on features always has one: cwd_on='features')")
@@ -278,6 +286,7 @@ HASH_SINCE_ADDED: tuple[tuple[str, str, object], ...] = (
     ("method", "weight_schedule", "constant"),
     ("method", "logit_kd_tau", None),
     ("method", "logit_kd_schedule", None),
+    ("method", "feature_loss", "spatial_kl"),
     ("train", "class_weights", "none"),
 )
 

@@ -1,4 +1,4 @@
-"""Loss functions shared by the methods: pixel-wise logit KD and channel-wise spatial KL.
+"""Loss functions shared by the methods: pixel-wise logit KD and channel-wise map losses.
 
 All losses compute in float32 whatever the input dtype (AMP may hand bf16/fp16 features):
 softmax, log and the KL sum are where low precision hurts.
@@ -60,6 +60,24 @@ def spatial_kl(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
     return (log_t.exp() * (log_t - log_s)).sum(dim=-1) * tau**2  # (B,C)
 
 
+def spatial_pearson_gap(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-channel 1 - Pearson correlation of the two maps over their locations: (B,C).
+
+    ``student`` and ``teacher`` are (B,C,h,w) with the same shape. Each map is centred and
+    scaled to unit norm over its h*w locations, so the loss asks the student channel to rise
+    and fall where the teacher channel does, whatever its scale and offset; unlike the
+    spatial softmax it weighs the low parts of a map as much as its peaks. In [0, 2]; a
+    constant map (zero variance) counts as uncorrelated (eps keeps its gradient finite).
+    """
+    b, c = student.shape[:2]
+    s = student.float().reshape(b, c, -1)
+    t = teacher.float().reshape(b, c, -1)
+    s = s - s.mean(dim=-1, keepdim=True)
+    t = t - t.mean(dim=-1, keepdim=True)
+    corr = (s * t).sum(dim=-1) / (s.norm(dim=-1) * t.norm(dim=-1) + eps)
+    return 1.0 - corr
+
+
 def l2_normalised_maps(x: Tensor) -> Tensor:
     """(B,C,h,w) -> (C, B*h*w): each channel's maps over the batch as one unit vector."""
     c = x.shape[1]
@@ -67,4 +85,7 @@ def l2_normalised_maps(x: Tensor) -> Tensor:
     return F.normalize(flat, dim=1)
 
 
-__all__ = ["kd_loss", "l2_normalised_maps", "resize_to", "spatial_kl", "valid_mask"]
+__all__ = [
+    "kd_loss", "l2_normalised_maps", "resize_to", "spatial_kl", "spatial_pearson_gap",
+    "valid_mask",
+]

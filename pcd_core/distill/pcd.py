@@ -10,11 +10,12 @@
    ``rematch_every`` iterations; or by index order (``identity``). No adapter: the student's
    own channels learn.
 4. Loss: per matched pair, spatial softmax with temperature tau and KL(teacher || student)
-   times tau^2, averaged over pairs and batch (optionally weighted by the teacher channel's
-   normalised score), times ``weight``; plus optional logit KD (weight ``logit_kd_weight``,
-   temperature ``logit_kd_tau``, else ``tau``). The loop scales both by the
-   ``weight_schedule`` factor (PCD's default decays them linearly to 0 over the run), or
-   the logit term by ``logit_kd_schedule`` when that is set.
+   times tau^2 (or, with ``feature_loss="pearson"``, 1 - the Pearson correlation of the two
+   maps over spatial locations), averaged over pairs and batch (optionally weighted by the
+   teacher channel's normalised score), times ``weight``; plus logit KD (weight
+   ``logit_kd_weight``, temperature ``logit_kd_tau``, else ``tau``). The loop scales both by
+   the ``weight_schedule`` factor (constant by default), or the logit term by
+   ``logit_kd_schedule`` when that is set.
 
 With ``adapter`` (our addition, not in DESIGN.md), steps 3-4 change: a 1x1 conv maps the
 student's Cs channels to the K kept channels and the loss pairs adapter output k with kept
@@ -41,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from pcd_core.distill.base import DistillMethod, register_method
-from pcd_core.distill.losses import kd_loss, resize_to, spatial_kl
+from pcd_core.distill.losses import kd_loss, resize_to, spatial_kl, spatial_pearson_gap
 from pcd_core.distill.matching import hungarian, map_similarity
 from pcd_core.distill.scoring import (
     ChannelClassStats,
@@ -268,10 +269,14 @@ class PCD(DistillMethod):
             self.info = {"rematched": False}
         # Student (or adapter output) channel i is distilled from teacher channel
         # assignment[i]; with the adapter, assignment is ``kept`` and never rematched.
-        kl = spatial_kl(s, t.index_select(1, self.assignment), self.spec.tau)  # (B,Cs or K)
+        matched = t.index_select(1, self.assignment)
+        if self.spec.feature_loss == "pearson":
+            per_pair = spatial_pearson_gap(s, matched)  # (B,Cs or K)
+        else:
+            per_pair = spatial_kl(s, matched, self.spec.tau)
         if self.spec.score_weighting:
-            kl = kl * self.pair_weights()
-        losses = {"pcd": self.spec.weight * kl.mean()}
+            per_pair = per_pair * self.pair_weights()
+        losses = {"pcd": self.spec.weight * per_pair.mean()}
         if self.spec.logit_kd_weight > 0:
             t_logits = self._teacher(teacher_out, "out")
             kd = kd_loss(

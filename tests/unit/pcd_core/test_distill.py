@@ -367,6 +367,27 @@ def test_score_weighting_matches_hand_computation() -> None:
     assert got_w != pytest.approx(got_p)
 
 
+def test_pearson_feature_loss_matches_hand_computation_and_ignores_scale_and_offset() -> None:
+    scores = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.5])
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    m = prepared_pcd(scores, cs=3, match="identity", feature_loss="pearson", weight=2.0)
+    matched = [0, 2, 3]  # the top-3 channels, in descending score
+    gaps = [1.0 - float(np.corrcoef(s[b, c].flatten().numpy(),
+                                    t[b, matched[c]].flatten().numpy())[0, 1])
+            for b in range(2) for c in range(3)]
+    got = m({"feat": s}, {"feat": t}, labels(), 0)["pcd"].item()
+    assert got == pytest.approx(2.0 * sum(gaps) / 6, rel=1e-4)
+    # a student channel that is the matched teacher map times 5 plus 3 costs nothing
+    copied = t.index_select(1, m.assignment) * 5.0 + 3.0
+    assert m({"feat": copied}, {"feat": t}, labels(), 1)["pcd"].abs() < 1e-5
+    # the opposite map costs the most (2), and a constant map is finite and uncorrelated
+    assert m({"feat": -copied}, {"feat": t}, labels(), 2)["pcd"].item() == pytest.approx(4.0)
+    flat = torch.ones(2, 3, 4, 4, requires_grad=True)
+    loss = m({"feat": flat}, {"feat": t}, labels(), 3)["pcd"]
+    loss.backward()
+    assert loss.item() == pytest.approx(2.0) and torch.isfinite(flat.grad).all()
+
+
 def test_rematch_exactly_at_multiples_of_rematch_every() -> None:
     m = prepared_pcd(torch.rand(8), cs=4, rematch_every=3)
     t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
@@ -520,8 +541,9 @@ def test_pcd_logit_kd_is_the_kd_baseline_at_its_own_temperature(
         {"name": "cwd", "cwd_on": "features"},
         {"name": "pcd", "logit_kd_weight": 1.0},
         {"name": "pcd", "adapter": True},
+        {"name": "pcd", "feature_loss": "pearson"},
     ],
-    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd", "pcd-adapter"],
+    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd", "pcd-adapter", "pcd-pearson"],
 )
 def test_no_gradient_reaches_the_teacher(kw: dict[str, typing.Any]) -> None:
     teacher = FeatureTeacher()

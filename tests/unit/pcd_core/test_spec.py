@@ -81,9 +81,10 @@ def _run_spec(**method: object) -> RunSpec:
 
 def _hash_before_later_fields(spec: RunSpec) -> str:
     """The hash of ``spec`` as computed before prune/adapter/weight_schedule/logit_kd_tau/
-    logit_kd_schedule (method) and class_weights (train)."""
+    logit_kd_schedule/feature_loss (method) and class_weights (train)."""
     data = spec.model_dump(mode="json")
-    for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau", "logit_kd_schedule"):
+    for later in ("prune", "adapter", "weight_schedule", "logit_kd_tau", "logit_kd_schedule",
+                  "feature_loss"):
         del data["method"][later]
     del data["train"]["class_weights"]
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
@@ -99,11 +100,17 @@ def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
                _run_spec(**{**OLD_PCD, "weight_schedule": "linear_decay"}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": 1.0}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": None}),
-               _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_schedule": "constant"})]
+               _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_schedule": "constant"}),
+               _run_spec(**{**OLD_PCD, "feature_loss": "pearson"})]
     weighted = _run_spec(**OLD_PCD).model_dump()
     weighted["train"]["class_weights"] = "median_frequency"
     changed.append(RunSpec.model_validate(weighted))
-    assert len({before, *(c.spec_hash() for c in changed)}) == 8
+    assert len({before, *(c.spec_hash() for c in changed)}) == 9
+
+
+def test_feature_loss_is_refused_outside_pcd():
+    with pytest.raises(ValidationError, match="feature_loss applies to method 'pcd' only"):
+        MethodSpec(name="cwd", feature_loss="pearson")
 
 
 def test_adapter_is_refused_outside_pcd():
