@@ -67,15 +67,15 @@ def spatial_pearson_gap(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> 
     scaled to unit norm over its h*w locations, so the loss asks the student channel to rise
     and fall where the teacher channel does, whatever its scale and offset; unlike the
     spatial softmax it weighs the low parts of a map as much as its peaks. In [0, 2]; a
-    constant map (zero variance) counts as uncorrelated (eps keeps its gradient finite).
+    constant map (zero variance) counts as uncorrelated (``eps`` bounds the norms below).
+    Pearson's r is the cosine similarity of the centred maps.
     """
     b, c = student.shape[:2]
     s = student.float().reshape(b, c, -1)
     t = teacher.float().reshape(b, c, -1)
     s = s - s.mean(dim=-1, keepdim=True)
     t = t - t.mean(dim=-1, keepdim=True)
-    corr = (s * t).sum(dim=-1) / (s.norm(dim=-1) * t.norm(dim=-1) + eps)
-    return 1.0 - corr
+    return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=eps)
 
 
 def l2_normalised_maps(x: Tensor) -> Tensor:
