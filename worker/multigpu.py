@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pcd_core.progress import Callback, Progress, RunCancelled
+from worker.procs import argv_of, child_pids, processes_in_group
 from worker.watchdog import RunStalled
 
 STOP_GRACE_S = 120.0  # a cooperative stop writes a checkpoint first; give it time
@@ -89,12 +90,14 @@ def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequenc
                          stall_timeout_s=stall_timeout_s)
     final: dict[str, Any] = {}
     stop_requested_at: float | None = None
+    ranks: set[int] = set()  # torchrun's children, each the leader of a session of its own
     with log_file.open("wb") as log, events.open("r", encoding="utf-8") as tail:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env={**os.environ})
         try:
             buffer = ""
             while True:
+                ranks.update(child_pids(proc.pid))
                 buffer += tail.read()
                 *lines, buffer = buffer.split("\n")
                 for line in lines:
@@ -116,7 +119,7 @@ def run_distributed(spec_json: str, out_dir: Path, gpus: int, callbacks: Sequenc
             _kill_group(proc)
             raise
         finally:
-            _end_stragglers(proc)
+            _end_stragglers(proc, ranks, str(out_dir))
     if final.get("event") == "cancelled" or (stop_requested_at and proc.returncode != 0):
         ckpt = final.get("checkpoint")
         raise RunCancelled(int(final.get("iteration", 0)), Path(ckpt) if ckpt else None)
@@ -140,17 +143,26 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _end_stragglers(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL whatever is left in torchrun's process group once torchrun has exited.
+def _end_stragglers(proc: subprocess.Popen[bytes], ranks: set[int], marker: str) -> None:
+    """SIGKILL whatever is left of the run once torchrun has exited.
 
-    torchrun ends its ranks when one fails, but it may exit before a rank (or a rank's
-    DataLoader worker) has: a CI run saw one process of a stalled run alive a minute after
-    the supervisor returned. The group outlives its leader while any member lives, so one
-    signal to it reaches every straggler; nothing of a finished run may keep its GPUs."""
+    torchrun starts each rank in a session (so a process group) of its own, and when one rank
+    fails it signals only the groups of the ranks still running. A rank that has already
+    exited (its stall watchdog ends it with ``os._exit``) leaves its group behind, DataLoader
+    workers included; one that is stopped or stuck lives on with nothing to reap it (a CI run
+    saw rank 1's SIGSTOPped loader worker outlive the run). So this signals torchrun's own
+    group and each rank's, and within a rank's group only processes whose command line names
+    the run (``marker``, its out folder), since a group id frees up with its last member and
+    may by now belong to someone else. Nothing of a finished run may keep its GPUs."""
     if proc.poll() is None:
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        for pid in processes_in_group(rank):
+            if marker in " ".join(argv_of(pid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _tail(path: Path, limit: int = 4000) -> str:

@@ -42,6 +42,22 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def processes_in_group(pgid: int) -> list[int]:
+    """The live processes whose process group is ``pgid`` (Linux: field 5 of
+    ``/proc/<pid>/stat``); empty where there is no ``/proc``."""
+    members: list[int] = []
+    for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
 def argv_of(pid: int) -> list[str]:
     """The arguments ``pid`` was started with; empty when it is gone."""
     try:

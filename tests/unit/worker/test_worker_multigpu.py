@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -177,6 +178,70 @@ def test_process_alive_sees_the_living_the_dead_and_the_unreaped() -> None:
 
 
 @pytest.mark.slow
+def test_a_rank_gone_before_torchrun_leaves_no_stopped_loader_behind(tmp_path: Path) -> None:
+    """The order a CI run hit: rank 1 ends itself (its watchdog's ``os._exit``) before torchrun
+    signals the ranks, so torchrun never signals rank 1's session, where rank 1's SIGSTOPped
+    loader worker lives on. A stand-in torchrun starts a rank in a session of its own, as
+    torchrun does; the rank forks a "loader", which is stopped; the rank dies, then the stand-in
+    exits. What the supervisor does after torchrun has exited must end the loader."""
+    marker = str(tmp_path / "run")
+    rank = textwrap.dedent("""
+        import os, sys, time
+        loader = os.fork()
+        if loader == 0:
+            time.sleep(600)
+            os._exit(0)
+        print(loader, flush=True)
+        sys.stdin.readline()  # the stand-in's go-ahead to die
+        os._exit(1)
+    """)
+    standin = textwrap.dedent(f"""
+        import subprocess, sys
+        rank = subprocess.Popen([sys.executable, "-c", {rank!r}, {marker!r}],
+                                start_new_session=True, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        print(rank.stdout.readline().strip(), flush=True)
+        sys.stdin.readline()
+        rank.stdin.write("die\\n"); rank.stdin.flush(); rank.wait()
+    """)
+    torchrun = subprocess.Popen([sys.executable, "-c", standin, marker], start_new_session=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert torchrun.stdout is not None and torchrun.stdin is not None
+    loader = int(torchrun.stdout.readline())
+    ranks = set(child_pids(torchrun.pid))
+    assert len(ranks) == 1 and os.getpgid(loader) == next(iter(ranks))
+    os.kill(loader, signal.SIGSTOP)
+    try:
+        torchrun.stdin.write("go\n")
+        torchrun.stdin.flush()
+        assert torchrun.wait(timeout=30) == 0
+        assert process_alive(loader), "the stand-in should leave the stopped loader behind"
+        multigpu._end_stragglers(torchrun, ranks, marker)
+        deadline = time.monotonic() + 10
+        while process_alive(loader) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not process_alive(loader), "the stopped loader outlived the run"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(loader, signal.SIGKILL)
+
+
+def test_stragglers_spare_a_group_whose_processes_do_not_name_the_run(tmp_path: Path) -> None:
+    """A rank's group id can belong to someone else by the time the run ends; only processes
+    whose command line names the run are ended."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                start_new_session=True)
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    try:
+        multigpu._end_stragglers(done, {stranger.pid}, str(tmp_path / "run"))
+        time.sleep(0.2)
+        assert stranger.poll() is None
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_ranks_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
     """The real torchrun, two CPU ranks on Gloo: SIGKILL the process that supervises them
     (as a dead Celery pool child would be) and the ranks stop as on a cancel, instead of
