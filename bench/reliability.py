@@ -4,6 +4,8 @@
     python bench/reliability.py --n 5 --iterations 40 --checkpoint-every 10
     python bench/reliability.py --fault stall --n 5   # SIGSTOP the run's DataLoader worker
     python bench/reliability.py --fault drain --n 5   # SIGTERM the worker (a node drain)
+    python bench/reliability.py --fault drain --n 5 --iterations 12 --checkpoint-every 6 \\
+        --teacher-arch deeplabv3_resnet101 --student-arch deeplabv3_resnet50  # real sizes
 
 The cluster is the integration tests' (tests/integration/_procs.py): a uvicorn API and two
 Celery workers (prefork, one child each, separate work/cache folders as separate nodes would
@@ -23,7 +25,10 @@ must die with it (``orphans`` counts those that did not), and the reaper must re
 job. With ``--fault drain`` the round sends SIGTERM to the owning worker's main process
 only (what an orchestrator sends on a drain or a rolling update), waits for that worker to
 exit by itself (``drain_exit_s``), and starts it again: the job must be handed back at a
-fresh checkpoint and resumed elsewhere without the reaper. Per round it records:
+fresh checkpoint and resumed elsewhere without the reaper. ``--teacher-arch`` and
+``--student-arch`` replace the tiny models by real-sized ones (default heads) at the same
+32x48 crops, so checkpoints have the size of a real job's: what a drain's grace period must
+cover. Per round it records:
 
 - lost: the job did not end ``succeeded`` within ``--deadline`` (failed, or still going);
 - duplicated: ``succeeded`` twice in the history, an artifact listed twice or stored in S3
@@ -36,7 +41,9 @@ fresh checkpoint and resumed elsewhere without the reaper. Per round it records:
 - recovery times from the kill or stop (database timestamps; the database runs on this host):
   ``detect`` (the reaper re-queued it), ``reclaim`` (a worker claimed attempt 2),
   ``caught_up`` (attempt 2's row passed the iteration of the kill: the lost work is redone)
-  and ``done`` (succeeded).
+  and ``done`` (succeeded);
+- with ``--fault drain``: the size of the checkpoint the job was handed back at and the
+  seconds its upload took (from the job log).
 
 Prints a table and writes ``bench/results/reliability.json`` (with the command line and the
 machine's facts: cores, load, service versions).
@@ -63,7 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "integration")]
 
 # the harness lives with the integration tests (tests/integration/_procs.py, _inputs.py)
-from _inputs import job_spec, upload_inputs  # noqa: E402
+from _inputs import STUDENT, TEACHER, job_spec, upload_inputs  # noqa: E402
 from _procs import Cluster, db_row, db_rows, open_cluster, services_up, wait_for  # noqa: E402
 
 from bench._common import write_json  # noqa: E402
@@ -103,6 +110,8 @@ class Round:
     stalls_logged: int = 0  # attempts whose stacks the stall watchdog put in the job log
     drain_exit_s: float | None = None  # SIGTERM to the drained worker's exit
     orphans: int = 0  # stopped loader workers still alive after the job ended
+    release_checkpoint_mb: float | None = None  # the checkpoint a drained job was handed back at
+    release_upload_s: float | None = None  # and its upload's seconds
 
 
 def _log(client: PcdClient, job_id: str) -> str:
@@ -136,7 +145,9 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
     t0 = time.monotonic()
     loaders = 1 if args.fault == "stall" else 0
     job = client.submit(job_spec(inputs, f"{args.fault}-{index}", iterations=args.iterations,
-                                 checkpoint_every=args.checkpoint_every, num_workers=loaders))
+                                 checkpoint_every=args.checkpoint_every, num_workers=loaders,
+                                 teacher_model=_model(args.teacher_arch, TEACHER),
+                                 student_model=_model(args.student_arch, STUDENT)))
     job_id, db = job["id"], cluster.database_url
     first = wait_for(lambda: _row(db, job_id, "checkpoint_iteration")[0], 180,
                      "a first checkpoint")
@@ -196,6 +207,7 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
     text = _log(client, job_id)
     resumed = re.search(r"resuming from checkpoint at iteration (\d+)", text)
     resumed_from = int(resumed.group(1)) if resumed else None
+    release_mb, release_s = _release_checkpoint(text)
     history = [t["to_status"] for t in done["transitions"]]
     names = [a["name"] for a in client.artifacts(job_id)]
     keys = _stored_keys(cluster, job_id)
@@ -222,7 +234,28 @@ def one_round(index: int, cluster: Cluster, client: PcdClient, inputs: dict[str,
         duplicated=bool(reasons), duplicate_reasons=reasons,
         round_s=round(time.monotonic() - t0, 1), fault=args.fault,
         stalls_logged=text.count("the stall watchdog ended the run"), orphans=len(orphans),
-        drain_exit_s=drain_exit_s)
+        drain_exit_s=drain_exit_s, release_checkpoint_mb=release_mb,
+        release_upload_s=release_s)
+
+
+def _model(arch: str | None, tiny: dict[str, Any]) -> dict[str, Any]:
+    """The harness's tiny model, or the named arch with its default (real-sized) head."""
+    return {"arch": arch, "output_stride": 16} if arch else tiny
+
+
+def _model_names(args: argparse.Namespace) -> str:
+    return (f"{args.teacher_arch or 'tiny teacher'} -> {args.student_arch or 'tiny student'}"
+            if args.teacher_arch or args.student_arch else "tiny")
+
+
+def _release_checkpoint(log_text: str) -> tuple[float | None, float | None]:
+    """Size (MB) and upload seconds of the checkpoint a drained job was handed back at."""
+    released = re.search(r"released at iteration (\d+)", log_text)
+    if not released:
+        return None, None
+    upload = re.search(rf"checkpoint at iteration {released.group(1)} uploaded "
+                       r"\(([\d.]+) MB in ([\d.]+) s\)", log_text)
+    return (float(upload.group(1)), float(upload.group(2))) if upload else (None, None)
 
 
 def _loader_workers(pid: int) -> list[int]:
@@ -252,6 +285,8 @@ def summarise(rounds: list[Round]) -> dict[str, Any]:
         "done_s": _stats([r.done_s for r in rounds]),
         "stalls_logged": sum(r.stalls_logged for r in rounds),
         "drain_exit_s": _stats([r.drain_exit_s for r in rounds]),
+        "release_checkpoint_mb": _stats([r.release_checkpoint_mb for r in rounds]),
+        "release_upload_s": _stats([r.release_upload_s for r in rounds]),
         "orphans": sum(r.orphans for r in rounds),
     }
 
@@ -281,7 +316,9 @@ def print_table(rounds: list[Round], summary: dict[str, Any], args: argparse.Nam
               f"left alive: {s['orphans']}")
     if args.fault == "drain":
         print(f"drained worker exited by itself after (median / max): "
-              f"{s['drain_exit_s']['median']} / {s['drain_exit_s']['max']} s")
+              f"{s['drain_exit_s']['median']} / {s['drain_exit_s']['max']} s; the checkpoint "
+              f"it handed back: {s['release_checkpoint_mb']['median']} MB, uploaded in "
+              f"{s['release_upload_s']['median']} / {s['release_upload_s']['max']} s")
     what = {"kill": "kill", "stall": "stop", "drain": "SIGTERM"}[args.fault]
     print(f"seconds after the {what} (median / max): "
           + "  ".join(f"{k[:-2]} {s[k]['median']} / {s[k]['max']}"
@@ -301,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
                              "SIGTERM the worker (a drain)")
     parser.add_argument("--stall-timeout", type=float, default=5.0,
                         help="PCD_STALL_TIMEOUT_S of the cluster (default 5 s)")
+    parser.add_argument("--teacher-arch", default=None,
+                        help="a real-sized teacher (e.g. deeplabv3_resnet101) instead of the "
+                             "tiny one")
+    parser.add_argument("--student-arch", default=None,
+                        help="a real-sized student (e.g. deeplabv3_resnet50)")
     parser.add_argument("--out", type=Path, default=None,
                         help="default bench/results/reliability.json "
                              "(reliability_<fault>.json for the other faults)")
@@ -318,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                      else {})
         with open_cluster(root / "cluster", services, overrides=overrides) as cluster:
             timers = {k: cluster.env.get(k) for k in TIMER_SETTINGS}
-            inputs = upload_inputs(cluster, root / "inputs")
+            inputs = upload_inputs(cluster, root / "inputs",
+                                   teacher_model=_model(args.teacher_arch, TEACHER))
             with PcdClient(cluster.url, cluster.api_key) as client:
                 for i in range(args.n):
                     rounds.append(one_round(i, cluster, client, inputs, args, rng))
@@ -334,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rounds": [asdict(r) for r in rounds],
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   "timers": timers, "workers": 2, "job": "tiny PCD, 32x48, batch 2, cpu"
+                   "timers": timers, "workers": 2,
+                   "job": f"PCD {_model_names(args)}, 32x48, batch 2, cpu"
                    + (", 1 DataLoader worker" if args.fault == "stall" else "")},
         "wall_s": round(time.monotonic() - t0, 1),
         "machine": facts,

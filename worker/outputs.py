@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,12 +55,19 @@ def sha256_of(path: Path) -> str:
 
 
 def upload_checkpoint(ctx: RunContext, iteration: int, path: Path) -> None:
-    """Upload, record on the row, then drop older checkpoints of this job."""
+    """Upload, record on the row, then drop older checkpoints of this job.
+
+    The log line carries the size and the upload's seconds: a drain's grace period must
+    cover one checkpoint write and upload (docs/DEPLOY.md), and this is where an operator
+    reads what that costs for their jobs."""
     prefix = checkpoints_prefix(ctx.snap.job_id)
     key = f"{prefix}ckpt-{iteration:09d}.pt"
+    started = time.monotonic()
     info = ctx.store.put_file(key, path)
+    seconds = time.monotonic() - started
     ctx.row.checkpoint(info.uri, iteration)
-    ctx.row.log("info", f"checkpoint at iteration {iteration} uploaded")
+    ctx.row.log("info", f"checkpoint at iteration {iteration} uploaded "
+                        f"({info.size / 1e6:.1f} MB in {seconds:.2f} s)")
     for obj in ctx.store.list(prefix):
         if obj.key != key:
             ctx.store.delete(obj.key)

@@ -19,9 +19,11 @@ STUDENT = {"arch": "deeplabv3_resnet18", "output_stride": 16, "head_channels": 8
 
 
 def make_inputs(folder: Path, *, n_train: int = 8, n_val: int = 4,
-                teacher_iterations: int = 4, teacher: bool = True) -> dict[str, Path]:
-    """A synthetic folder dataset as ``ds.tar.gz`` and (unless ``teacher=False``) a tiny
-    teacher trained on it with ``pcd_core`` (``teacher.safetensors``). Returns the paths."""
+                teacher_iterations: int = 4, teacher: bool = True,
+                teacher_model: Mapping[str, Any] = TEACHER) -> dict[str, Path]:
+    """A synthetic folder dataset as ``ds.tar.gz`` and (unless ``teacher=False``) a teacher
+    (tiny unless ``teacher_model`` says otherwise) trained on it with ``pcd_core``
+    (``teacher.safetensors``). Returns the paths."""
     from pcd_core.data import write_synthetic_dataset
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -42,7 +44,7 @@ def make_inputs(folder: Path, *, n_train: int = 8, n_val: int = 4,
         "name": "it-teacher",
         "dataset": {"uri": str(ds), "format": "folder", "num_classes": NUM_CLASSES,
                     "crop": list(HW), "scale_range": [1.0, 1.0]},
-        "student": TEACHER,
+        "student": dict(teacher_model),
         "method": {"name": "none"},
         "train": {"iterations": teacher_iterations, "batch_size": 2, "num_workers": 0,
                   "eval_every": 10_000, "checkpoint_every": 10_000, "log_every": 1},
@@ -54,14 +56,16 @@ def make_inputs(folder: Path, *, n_train: int = 8, n_val: int = 4,
 
 
 def job_spec(inputs: Mapping[str, str], name: str, *, method: Mapping[str, Any] | None = None,
-             **train: Any) -> dict[str, Any]:
-    """A tiny PCD job on the uploaded inputs; ``train`` overrides the training budget."""
+             teacher_model: Mapping[str, Any] = TEACHER,
+             student_model: Mapping[str, Any] = STUDENT, **train: Any) -> dict[str, Any]:
+    """A PCD job on the uploaded inputs, tiny unless the models say otherwise (the teacher's
+    must be the one :func:`upload_inputs` trained); ``train`` overrides the budget."""
     return {
         "name": name,
         "dataset": {"uri": inputs["dataset"], "format": "folder", "num_classes": NUM_CLASSES,
                     "crop": list(HW), "scale_range": [1.0, 1.0]},
-        "teacher": {**TEACHER, "checkpoint": inputs.get("teacher")},
-        "student": STUDENT,
+        "teacher": {**teacher_model, "checkpoint": inputs.get("teacher")},
+        "student": dict(student_model),
         "method": {"name": "pcd", "rematch_every": 5, "score_batches": 2, **(method or {})},
         "train": {"iterations": 6, "batch_size": 2, "num_workers": 0, "log_every": 1,
                   "eval_every": 100_000, "checkpoint_every": 100_000, **train},
@@ -69,11 +73,12 @@ def job_spec(inputs: Mapping[str, str], name: str, *, method: Mapping[str, Any] 
     }
 
 
-def upload_inputs(cluster: Cluster, folder: Path, teacher: bool = True) -> dict[str, str]:
+def upload_inputs(cluster: Cluster, folder: Path, teacher: bool = True,
+                  teacher_model: Mapping[str, Any] = TEACHER) -> dict[str, str]:
     """:func:`make_inputs`, uploaded through the API; returns their ``upload:`` URIs."""
     from client.api import PcdClient
 
-    files = make_inputs(folder, teacher=teacher)
+    files = make_inputs(folder, teacher=teacher, teacher_model=teacher_model)
     with PcdClient(cluster.url, cluster.api_key) as c:
         return {name: c.upload(path, "dataset" if name == "dataset" else "checkpoint")["uri"]
                 for name, path in files.items()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from pathlib import Path
@@ -111,12 +112,15 @@ def test_cancel_flag_ends_cancelled(world, dataset_dir, make_spec) -> None:
 
 
 def die_after_checkpoint(world: Any, job_id: str, at: int,
-                         monkeypatch: pytest.MonkeyPatch) -> None:
+                         monkeypatch: pytest.MonkeyPatch) -> int:
     """Run ``job_id`` on worker "dead" until the checkpoint of iteration ``at`` is uploaded
-    and recorded, then die like a kill: a BaseException, so nothing else is recorded."""
+    and recorded, then die like a kill: a BaseException, so nothing else is recorded.
+    Returns that checkpoint's size in bytes."""
     real_upload = outputs.upload_checkpoint
+    sizes: dict[int, int] = {}
 
     def crash_after(ctx: Any, iteration: int, path: Path) -> None:
+        sizes[iteration] = path.stat().st_size
         real_upload(ctx, iteration, path)
         if iteration == at:
             raise KeyboardInterrupt
@@ -125,14 +129,20 @@ def die_after_checkpoint(world: Any, job_id: str, at: int,
     with pytest.raises(KeyboardInterrupt):
         execute_job(job_id, settings=world.settings, worker_id="dead")
     monkeypatch.setattr(outputs, "upload_checkpoint", real_upload)
+    return sizes[at]
 
 
 @pytest.mark.slow
 def test_lost_worker_is_requeued_and_resumes_from_checkpoint(
         world, dataset_dir, make_spec, monkeypatch: pytest.MonkeyPatch) -> None:
     job_id = world.submit(make_spec(f"file://{dataset_dir}", None, iterations=6))
-    die_after_checkpoint(world, job_id, 4, monkeypatch)
+    size = die_after_checkpoint(world, job_id, 4, monkeypatch)
     assert world.job(job_id).status == "running"
+    # the upload's line says what a drain's grace period must cover: size and seconds
+    uploaded = re.search(r"checkpoint at iteration 4 uploaded \(([\d.]+) MB in ([\d.]+) s\)",
+                         world.logs(job_id))
+    assert uploaded, world.logs(job_id)
+    assert float(uploaded.group(1)) == round(size / 1e6, 1) and size > 0
 
     # heartbeat fresh: the reaper leaves it alone; stale: re-queued and re-dispatched
     sent: list[tuple[str, str]] = []
