@@ -54,7 +54,8 @@ PREVIOUS_DEFAULT = {"method.weight": 3.0, "method.weight_schedule": "linear_deca
 GROUPS: dict[str, list[dict[str, Any]]] = {
     "score": [{}, {"method.score": "fisher"}, {"method.score": "l1"},
               {"method.score": "random"}],
-    "keep": [{}, {"method.keep": 192}, {"method.keep": 256}],
+    # 64: below the ResNet-18 head's 128 channels, half the student's channels go undistilled
+    "keep": [{}, {"method.keep": 64}, {"method.keep": 192}, {"method.keep": 256}],
     "prune": [{}, {"method.prune": "class_balanced"}],
     "match": [{}, {"method.match": "identity"}],
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],

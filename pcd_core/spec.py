@@ -117,7 +117,9 @@ class MethodSpec(_Strict):
     # PCD
     score: Literal["class_gap", "fisher", "l1", "random"] = "class_gap"
     keep: PositiveInt | None = Field(
-        default=None, description="K teacher channels kept after pruning; None = student width"
+        default=None, description="K teacher channels kept after pruning; None = student width. "
+        "Below the student's width, each kept channel is matched to its own student channel "
+        "and the other student channels are not distilled"
     )
     prune: Literal["top_k", "class_balanced"] = Field(
         default="top_k", description="top_k: the K best scores; class_balanced: the K best "

@@ -1,14 +1,15 @@
 """Student matching: which kept teacher channel each student channel learns.
 
 The student has no adapter layer, so its own channels must learn teacher channels; the
-matching picks, for each student channel, a DISTINCT kept teacher channel whose spatial maps
-it already resembles most (a one-to-one assignment, so two student channels never chase the
-same teacher channel and every student channel is used).
+matching pairs student channels with DISTINCT kept teacher channels whose spatial maps they
+already resemble most (one-to-one, so two student channels never chase the same teacher
+channel). With at least as many kept channels as student channels (K >= Cs, the default)
+every student channel is paired; with fewer (K < Cs) every kept channel is, and the Cs - K
+student channels left over learn from the other losses only.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
@@ -32,16 +33,17 @@ def map_similarity(student: Tensor, teacher: Tensor) -> Tensor:
     return sim
 
 
-def hungarian(similarity: Tensor) -> Tensor:
-    """Maximum-total-similarity one-to-one assignment; (Cs,K) with K >= Cs -> (Cs,) columns.
+def hungarian(similarity: Tensor) -> tuple[Tensor, Tensor]:
+    """Maximum-total-similarity one-to-one pairs on a (Cs,K) matrix: ``(rows, cols)``, each
+    of min(Cs, K) indices (student channels, columns of kept), rows ascending.
 
-    ``scipy.optimize.linear_sum_assignment`` returns rows in order 0..Cs-1, so the result is
-    indexed by student channel.
+    ``scipy.optimize.linear_sum_assignment`` takes rectangular matrices: with K >= Cs the
+    rows are every student channel in order 0..Cs-1; with K < Cs they are the K student
+    channels chosen.
     """
     cost = similarity.detach().to("cpu", torch.float64).numpy()
     rows, cols = linear_sum_assignment(cost, maximize=True)
-    assert np.array_equal(rows, np.arange(cost.shape[0]))  # every student channel assigned
-    return torch.from_numpy(cols).long()
+    return torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
 
 
 def identity(student_channels: int) -> Tensor:

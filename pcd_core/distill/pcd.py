@@ -8,7 +8,9 @@
 3. Match: each student channel is assigned a distinct kept channel, by maximum total cosine
    similarity of their spatial maps on the current batch (Hungarian), recomputed every
    ``rematch_every`` iterations; or by index order (``identity``). No adapter: the student's
-   own channels learn.
+   own channels learn. With K below the student's width (our addition; DESIGN.md has K >=
+   Cs), each kept channel gets a distinct student channel instead, and the Cs - K student
+   channels left over are not distilled.
 4. Loss: per matched pair, spatial softmax with temperature tau and KL(teacher || student)
    times tau^2 (or, with ``feature_loss="pearson"``, 1 - the Pearson correlation of the two
    maps over spatial locations), averaged over pairs and batch (optionally weighted by the
@@ -28,8 +30,11 @@ Spatial sizes: the student feature is bilinearly resized to the TEACHER's size, 
 larger; the teacher is the target and stays untouched (and detached).
 
 State for an exact resume (``state_dict`` buffers): ``scores`` (Ct,), ``kept`` (K,),
-``assignment`` (Cs,) teacher channel per student channel, ``prepared`` and
-``match_iteration``. Python mirrors of the last two avoid a device sync every step.
+``assignment`` (P,) the teacher channel of each pair, ``student_index`` (P,) the student
+channel of each pair (only when K < Cs: otherwise pair i is student channel i, and a
+checkpoint from before K < Cs existed loads unchanged), ``prepared`` and
+``match_iteration`` (these two have Python mirrors, which avoid a device sync every step).
+P, the number of pairs, is min(Cs, K), or K with the adapter.
 """
 
 from __future__ import annotations
@@ -85,11 +90,6 @@ class PCD(DistillMethod):
             ignore_index=ignore_index,
         )
         k = spec.keep if spec.keep is not None else student_channels
-        if k < student_channels and not spec.adapter:
-            raise ValueError(
-                f"PCD keep={k} < student channels {student_channels}: every student channel "
-                f"needs its own distinct teacher channel, so keep must be >= {student_channels}"
-            )
         if k > teacher_channels:
             raise ValueError(
                 f"PCD keep={k} > teacher channels {teacher_channels} at tap {spec.tap!r}; "
@@ -102,8 +102,13 @@ class PCD(DistillMethod):
             self.adapter = nn.Conv2d(student_channels, k, kernel_size=1)
         self.register_buffer("scores", torch.zeros(teacher_channels))  # (Ct,) float32
         self.register_buffer("kept", torch.arange(k))  # (K,) teacher channels, score-descending
-        # (Cs,) teacher channel per student channel; with the adapter (K,), always ``kept``
-        self.register_buffer("assignment", torch.arange(k if spec.adapter else student_channels))
+        # (P,) the teacher channel of each pair; with the adapter (K,), always ``kept``
+        partial = k < student_channels and not spec.adapter
+        self.register_buffer("assignment", torch.arange(min(k, student_channels)
+                                                        if not spec.adapter else k))
+        # (P,) the student channel of each pair, when K < Cs leaves some student channels out
+        self.student_index: Tensor | None
+        self.register_buffer("student_index", torch.arange(k) if partial else None)
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
         self.register_buffer("match_iteration", torch.full((), -1, dtype=torch.long))
         self._prepared = False
@@ -198,6 +203,8 @@ class PCD(DistillMethod):
             kept = torch.argsort(cpu_scores, descending=True, stable=True)[: self.keep]
         self.kept.copy_(kept)
         self.assignment.copy_(self.kept[: self.assignment.numel()])  # identity until matched
+        if self.student_index is not None:
+            self.student_index.copy_(torch.arange(self.keep, device=self.student_index.device))
         self.prepared.fill_(True)
         self.match_iteration.fill_(-1)
         self._prepared, self._match_iter = True, None
@@ -218,11 +225,13 @@ class PCD(DistillMethod):
         t0 = time.perf_counter()
         t_kept = teacher_feat.index_select(1, self.kept)  # (B,K,h,w)
         sim = map_similarity(student_feat, t_kept)  # (Cs,K)
-        cols = hungarian(sim).to(self.kept.device)  # (Cs,) indices into kept
-        self.assignment.copy_(self.kept.index_select(0, cols))
+        rows, cols = hungarian(sim)  # (P,) student channels, (P,) indices into kept
+        self.assignment.copy_(self.kept.index_select(0, cols.to(self.kept.device)))
+        if self.student_index is not None:
+            self.student_index.copy_(rows)
         self.match_iteration.fill_(iteration)
         self._match_iter = iteration
-        matched = sim.gather(1, cols[:, None].to(sim.device))
+        matched = sim[rows.to(sim.device), cols.to(sim.device)]
         self.info = {
             "rematched": True,
             "rematch_s": time.perf_counter() - t0,
@@ -238,7 +247,7 @@ class PCD(DistillMethod):
     # -- loss --------------------------------------------------------------------------------
 
     def pair_weights(self) -> Tensor:
-        """(Cs or K,) matched teacher channels' scores divided by their mean (mean weight 1)."""
+        """(P,) matched teacher channels' scores divided by their mean (mean weight 1)."""
         s = self.scores.index_select(0, self.assignment).clamp_min(0)
         mean = s.mean()
         return torch.where(mean > 0, s / mean.clamp_min(1e-12), torch.ones_like(s))
@@ -267,11 +276,13 @@ class PCD(DistillMethod):
             self.rematch(s.detach(), t, iteration)
         else:
             self.info = {"rematched": False}
-        # Student (or adapter output) channel i is distilled from teacher channel
-        # assignment[i]; with the adapter, assignment is ``kept`` and never rematched.
+        if self.student_index is not None:  # K < Cs: only the paired student channels
+            s = s.index_select(1, self.student_index)  # (B,K,h,w)
+        # Pair i: student (or adapter output) channel i, or student_index[i], is distilled
+        # from teacher channel assignment[i]; with the adapter, assignment is ``kept``.
         matched = t.index_select(1, self.assignment)
         if self.spec.feature_loss == "pearson":
-            per_pair = spatial_pearson_gap(s, matched)  # (B,Cs or K)
+            per_pair = spatial_pearson_gap(s, matched)  # (B,P)
         else:
             per_pair = spatial_kl(s, matched, self.spec.tau)
         if self.spec.score_weighting:

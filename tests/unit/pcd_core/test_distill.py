@@ -312,11 +312,59 @@ def test_prepare_leaves_teacher_unchanged_and_skips_when_restored() -> None:
 # -- PCD: pruning and matching ---------------------------------------------------------------
 
 
-def test_keep_must_cover_student_channels() -> None:
-    with pytest.raises(ValueError, match="keep=3 < student channels 4"):
-        build("pcd", ct=8, cs=4, keep=3)
+def test_keep_may_not_exceed_teacher_channels() -> None:
     with pytest.raises(ValueError, match="keep=9 > teacher channels 8"):
         build("pcd", ct=8, cs=4, keep=9)
+
+
+def test_keep_below_student_width_pairs_each_kept_channel_with_its_own_student_channel(
+) -> None:
+    """K < Cs: the Hungarian pairs every kept channel with the student channel that copies
+    it, leaves the other student channels out of the loss (no gradient), and ``identity``
+    pairs kept channel i with student channel i."""
+    scores = torch.tensor([0.3, 0.9, 0.1, 0.8, 0.5, 0.7, 0.2, 0.6])
+    t = torch.randn(2, 8, 6, 7)
+    kept = torch.argsort(scores, descending=True)[:3]  # K = 3 of a 6-channel student
+    s = torch.randn(2, 6, 6, 7)
+    s[:, 4], s[:, 1], s[:, 5] = t[:, kept[0]], t[:, kept[1]], t[:, kept[2]]
+    s.requires_grad_(True)
+    m = prepared_pcd(scores, cs=6, keep=3)
+    loss = m({"feat": s}, {"feat": t}, labels(), 0)["pcd"]
+    assert m.rematched and m.student_index is not None
+    pairs = dict(zip(m.student_index.tolist(), m.assignment.tolist(), strict=True))
+    assert pairs == {1: int(kept[1]), 4: int(kept[0]), 5: int(kept[2])}
+    assert loss.item() < 1e-6
+    moved = s.detach().clone()
+    moved[:, [0, 2, 3]] = torch.randn(2, 3, 6, 7)  # the free channels: no part in the loss
+    moved.requires_grad_(True)
+    again = m({"feat": moved}, {"feat": t}, labels(), 1)["pcd"]
+    again = again + 0.0 * moved.sum()  # a graph to every channel, so .grad is a tensor
+    again.backward()
+    assert again.item() < 1e-6 and moved.grad is not None
+    assert moved.grad[:, [0, 2, 3]].abs().max() == 0
+    ident = prepared_pcd(scores, cs=6, keep=3, match="identity")
+    ident({"feat": s}, {"feat": t}, labels(), 0)
+    assert ident.student_index is not None
+    assert ident.student_index.tolist() == [0, 1, 2] and ident.assignment.tolist() == \
+        kept.tolist()
+
+
+def test_keep_below_student_width_resumes_its_pairs_and_the_default_has_no_new_buffer(
+) -> None:
+    """The student side of the pairs is state (a resume must not re-pair); at K >= Cs it
+    does not exist, so checkpoints from before K < Cs was allowed load as they did."""
+    a = prepared_pcd(torch.rand(8), cs=6, keep=3, rematch_every=5)
+    t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 6, 4, 4)
+    a({"feat": s}, {"feat": t}, labels(), 0)
+    b = build("pcd", ct=8, cs=6, keep=3, rematch_every=5, logit_kd_weight=0.0)
+    b.load_state_dict(a.state_dict())
+    assert isinstance(b, PCD) and b.student_index is not None and a.student_index is not None
+    assert torch.equal(a.student_index, b.student_index)
+    s2 = torch.randn(2, 6, 4, 4)
+    assert torch.equal(a({"feat": s2}, {"feat": t}, labels(), 1)["pcd"],
+                       b({"feat": s2}, {"feat": t}, labels(), 1)["pcd"])
+    assert "student_index" not in build("pcd", ct=8, cs=4, keep=6).state_dict()
+    assert "student_index" not in build("pcd", ct=8, cs=4).state_dict()
 
 
 @pytest.mark.parametrize("keep", [6, 8])
