@@ -21,10 +21,19 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:  # Linux: the state follows the command name in /proc/<pid>/stat
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
+    fields = _stat_fields(pid)
+    if fields is None:
         return not Path("/proc/self").exists()  # no /proc: os.kill's answer stands
+    return fields[0] not in ("Z", "X")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` after the command name (Linux): state, ppid, pgrp, ...; None when
+    it cannot be read. The name is in brackets and may hold spaces, hence the split at ")"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def child_pids(pid: int) -> list[int]:
@@ -47,13 +56,8 @@ def processes_in_group(pgid: int) -> list[int]:
     ``/proc/<pid>/stat``); empty where there is no ``/proc``."""
     members: list[int] = []
     for entry in Path("/proc").iterdir() if Path("/proc/self").exists() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
+        fields = _stat_fields(int(entry.name)) if entry.name.isdigit() else None
+        if fields is not None and fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
 
