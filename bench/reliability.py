@@ -4,7 +4,7 @@
     python bench/reliability.py --n 5 --iterations 40 --checkpoint-every 10
     python bench/reliability.py --fault stall --n 5   # SIGSTOP the run's DataLoader worker
     python bench/reliability.py --fault drain --n 5   # SIGTERM the worker (a node drain)
-    python bench/reliability.py --fault drain --n 5 --iterations 12 --checkpoint-every 6 \\
+    python bench/reliability.py --fault drain --n 5 --iterations 40 --checkpoint-every 10 \\
         --teacher-arch deeplabv3_resnet101 --student-arch deeplabv3_resnet50  # real sizes
 
 The cluster is the integration tests' (tests/integration/_procs.py): a uvicorn API and two

@@ -46,9 +46,4 @@ def hungarian(similarity: Tensor) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(rows).long(), torch.from_numpy(cols).long()
 
 
-def identity(student_channels: int) -> Tensor:
-    """The ablation: student channel c learns the c-th kept channel (by descending score)."""
-    return torch.arange(student_channels)
-
-
-__all__ = ["hungarian", "identity", "map_similarity"]
+__all__ = ["hungarian", "map_similarity"]

@@ -104,8 +104,8 @@ class PCD(DistillMethod):
         self.register_buffer("kept", torch.arange(k))  # (K,) teacher channels, score-descending
         # (P,) the teacher channel of each pair; with the adapter (K,), always ``kept``
         partial = k < student_channels and not spec.adapter
-        self.register_buffer("assignment", torch.arange(min(k, student_channels)
-                                                        if not spec.adapter else k))
+        self.register_buffer("assignment",
+                             torch.arange(k if spec.adapter else min(k, student_channels)))
         # (P,) the student channel of each pair, when K < Cs leaves some student channels out
         self.student_index: Tensor | None
         self.register_buffer("student_index", torch.arange(k) if partial else None)
