@@ -60,7 +60,7 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "match": [{}, {"method.match": "identity"}],
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
     "score_weighting": [{}, {"method.score_weighting": True}],
-    "tap": [{}, {"method.tap": "backbone"}],
+    "tap": [{}, {"method.tap": "backbone"}, {"method.tap": "head_preact"}],
     "weight": [{}, {"method.weight": 0.3}, {"method.weight": 3.0}, {"method.weight": 10.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
     # the whole map up to scale and offset instead of the spatial softmax's peaks

@@ -79,7 +79,7 @@ def build_teacher(spec: RunSpec, device: torch.device) -> nn.Module | None:
 
 
 def tap_channels(model: nn.Module, tap: str) -> int:
-    channels = model.feat_channels if tap == "head" else model.backbone_channels
+    channels = model.backbone_channels if tap == "backbone" else model.feat_channels
     return int(channels)  # type: ignore[arg-type]  # plain int attributes on our models
 
 

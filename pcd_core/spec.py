@@ -128,7 +128,11 @@ class MethodSpec(_Strict):
     rematch_every: PositiveInt = 500
     score_batches: PositiveInt = Field(default=8, description="batches in the scoring pass")
     score_weighting: bool = False
-    tap: Literal["head", "backbone"] = "head"
+    # Added later: "head_preact" is the head tap before its ReLU (normalised, signed).
+    tap: Literal["head", "head_preact", "backbone"] = Field(
+        default="head", description="the feature the feature methods read: the head's last "
+        "hidden activation (head), the same before its ReLU (head_preact), or the backbone's "
+        "last stage (backbone)")
     # Added later: the KL of spatial softmaxes passes each matched channel's peaks (where the
     # map is largest, sharpened by tau); "pearson" passes the whole map up to scale and offset.
     feature_loss: Literal["spatial_kl", "pearson"] = Field(

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from pcd_core.spec import MethodSpec
 
 # MethodSpec.tap -> the key of the model output dict that holds that feature.
-TAP_KEYS: dict[str, str] = {"head": "feat", "backbone": "backbone"}
+TAP_KEYS: dict[str, str] = {"head": "feat", "head_preact": "feat_preact",
+                            "backbone": "backbone"}
 
 
 class DistillMethod(nn.Module):
@@ -27,7 +28,8 @@ class DistillMethod(nn.Module):
     Contract:
     - ``needs_teacher``: whether the loop must run the teacher and pass ``teacher_out``.
     - ``tap_key``: which entry of the model output dicts the feature methods read
-      (``"feat"`` for ``tap=head``, ``"backbone"`` for ``tap=backbone``).
+      (``"feat"`` for ``tap=head``, ``"feat_preact"`` for ``tap=head_preact``,
+      ``"backbone"`` for ``tap=backbone``).
     - ``prepare(teacher, batches, device)``: once before training (the ``scoring`` phase);
       returns a JSON-able summary. The teacher is run frozen and never mutated.
     - ``forward(student_out, teacher_out, target, iteration)``: WEIGHTED losses by name; CE is

@@ -2,9 +2,11 @@
 
 Every head is a :class:`TappedSequential`: the children keep torchvision's numbering (for
 DeepLabV3 and FCN, ``classifier.0.convs.0.0.weight``... ``classifier.4.bias``), and ``forward``
-returns ``(feat, logits)`` where ``feat`` is the last hidden activation, the PCD "head" tap.
+returns ``(preact, feat, logits)`` where ``feat`` is the last hidden activation, the PCD
+"head" tap, and ``preact`` the same layer before its activation (the "head_preact" tap).
 The tap is taken before any dropout: in eval mode it is exactly the final 1x1 classifier's
 input, and in training the distillation target is not noised by the student's dropout mask.
+The activation at the tap is not in place, so that it leaves ``preact`` intact.
 """
 
 from __future__ import annotations
@@ -22,20 +24,33 @@ ASPP_RATES: dict[int, tuple[int, int, int]] = {8: (12, 24, 36), 16: (6, 12, 18),
 
 
 class TappedSequential(nn.Sequential):
-    """A ``Sequential`` that also returns the output of child ``tap`` (the feature tap)."""
+    """A ``Sequential`` that also returns the outputs of children ``tap - 1`` and ``tap``.
+
+    Child ``tap`` is the hidden layer's activation (the feature tap) and child ``tap - 1`` what
+    it activates (the normalised pre-activation). Post-ReLU features lose everything below zero;
+    the pre-activation keeps how far below, which feature distillation may want to pass on
+    (Heo et al., "A Comprehensive Overhaul of Feature Distillation", ICCV 2019).
+    """
 
     def __init__(self, *layers: nn.Module, tap: int, channels: int) -> None:
         super().__init__(*layers)
+        act = self[tap]
+        if tap < 1 or getattr(act, "inplace", False):
+            # An in-place activation would overwrite the pre-activation it is handed.
+            raise ValueError(f"tap {tap}: needs a child before it and an activation that is "
+                             f"not in place, got {act!r}")
         self.tap: int = tap
         self.channels: int = channels  # channels of the tapped feature
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feat = x
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        preact = feat = x
         for i, layer in enumerate(self):
             x = layer(x)
-            if i == self.tap:
+            if i == self.tap - 1:
+                preact = x
+            elif i == self.tap:
                 feat = x
-        return feat, x
+        return preact, feat, x
 
 
 class ASPPPooling(nn.Sequential):
@@ -123,7 +138,7 @@ def fcn_head(cin: int, num_classes: int, channels: int) -> TappedSequential:
     return TappedSequential(
         nn.Conv2d(cin, channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.Dropout(0.1),
         nn.Conv2d(channels, num_classes, 1),
         tap=2,
@@ -140,7 +155,7 @@ def deeplabv3_head(
         ASPP(cin, ASPP_RATES[output_stride], channels),
         nn.Conv2d(channels, channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.Conv2d(channels, num_classes, 1),
         tap=3,
         channels=channels,
@@ -157,7 +172,7 @@ def pspnet_head(
         ppm,
         nn.Conv2d(ppm.out_channels, channels, 3, padding=1, bias=False),
         nn.BatchNorm2d(channels),
-        nn.ReLU(inplace=True),
+        nn.ReLU(),
         nn.Dropout(0.1),
         nn.Conv2d(channels, num_classes, 1),
         tap=3,

@@ -2,7 +2,8 @@
 
 ``forward`` returns a dict with fixed keys (docs/CONTRACTS.md) so that training, distillation
 and export code never depend on the architecture: ``out`` (logits at input size), ``feat``
-(head tap), ``backbone`` (last-stage tap) and, when built with ``aux=True``, ``aux``.
+(head tap), ``feat_preact`` (the head tap before its activation), ``backbone`` (last-stage
+tap) and, when built with ``aux=True``, ``aux``.
 The taps are plain return values, not forward hooks, so the model scripts and exports as is.
 """
 
@@ -26,7 +27,7 @@ class SegmentationModel(nn.Module):
     state dicts of ``deeplabv3_resnet50`` & co. equal torchvision's key for key.
 
     ``backbone(x)`` must return ``(stage3, last)`` and define ``out_channels``; the heads
-    return ``(feat, logits)`` (see ``heads.TappedSequential``) and define ``channels``.
+    return ``(preact, feat, logits)`` (see ``heads.TappedSequential``) and define ``channels``.
     """
 
     def __init__(
@@ -52,14 +53,16 @@ class SegmentationModel(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         h, w = x.shape[-2], x.shape[-1]
         stage3, last = self.backbone(x)  # (B, aux_ch, h', w'), (B, backbone_ch, H/os, W/os)
-        feat, logits = self.classifier(last)  # (B, feat_ch, H/os, W/os), (B, K, H/os, W/os)
+        # preact and feat (B, feat_ch, H/os, W/os), logits (B, K, H/os, W/os)
+        preact, feat, logits = self.classifier(last)
         result: dict[str, Tensor] = {
             "out": F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False),
             "feat": feat,
+            "feat_preact": preact,
             "backbone": last,
         }
         if self.aux_classifier is not None:
-            _, aux = self.aux_classifier(stage3)
+            _, _, aux = self.aux_classifier(stage3)
             result["aux"] = F.interpolate(aux, size=(h, w), mode="bilinear", align_corners=False)
         return result
 

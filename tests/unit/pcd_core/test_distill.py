@@ -113,6 +113,7 @@ def test_every_method_gives_finite_weighted_losses(name: str) -> None:
 def test_tap_key_follows_spec() -> None:
     assert build("pcd").tap_key == "feat"
     assert build("pcd", tap="backbone").tap_key == "backbone"
+    assert build("pcd", tap="head_preact").tap_key == "feat_preact"
 
 
 # -- kd --------------------------------------------------------------------------------------

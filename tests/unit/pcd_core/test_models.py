@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pcd_core.models import (
     SegmentationModel,
@@ -91,10 +92,13 @@ def _check_forward(model: SegmentationModel, arch: str, output_stride: int) -> N
     with torch.no_grad():
         out = model(_image())
     h = SIZE // output_stride
-    assert set(out) == {"out", "feat", "backbone", "aux"}
+    assert set(out) == {"out", "feat", "feat_preact", "backbone", "aux"}
     assert out["out"].shape == (1, K, SIZE, SIZE)
     assert out["aux"].shape == (1, K, SIZE, SIZE)
     assert out["feat"].shape == (1, model.feat_channels, h, h)
+    # The pre-activation tap is what the tap's ReLU activates, intact (signed, not clipped).
+    assert torch.equal(out["feat"], torch.relu(out["feat_preact"]))
+    assert (out["feat_preact"] < 0).any()
     assert out["backbone"].shape == (1, model.backbone_channels, h, h)
     assert (model.arch, model.num_classes, model.output_stride) == (arch, K, output_stride)
     assert all(torch.isfinite(v).all() for v in out.values())
@@ -121,11 +125,20 @@ def test_backward_reaches_every_parameter(os8_model: SegmentationModel) -> None:
     assert not missing, missing[:5]
 
 
+def test_a_tap_whose_activation_is_in_place_is_refused() -> None:
+    """An in-place ReLU at the tap would overwrite the pre-activation the tap hands on."""
+    from pcd_core.models.heads import TappedSequential
+
+    with pytest.raises(ValueError, match="not in place"):
+        TappedSequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.Conv2d(4, K, 1), tap=2, channels=4)
+
+
 def test_no_aux_key_without_aux_head_and_odd_input_size() -> None:
     model = build_model("deeplabv3_resnet18", K).eval()
     with torch.no_grad():
         out = model(_image(h=50, w=70))
-    assert set(out) == {"out", "feat", "backbone"}
+    assert set(out) == {"out", "feat", "feat_preact", "backbone"}
     assert out["out"].shape == (1, K, 50, 70)
 
 
@@ -223,7 +236,7 @@ def test_onnx_export_parity_with_dynamic_size(arch: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     model = build_model(arch, K, aux=True, output_stride=16).eval()
     buf = io.BytesIO()
-    names = ["out", "feat", "backbone", "aux"]
+    names = ["out", "feat", "feat_preact", "backbone", "aux"]
     axes = {"image": {0: "batch", 2: "height", 3: "width"}}
     # The TorchScript-based exporter: opset 17 without the dynamo exporter's version converter.
     torch.onnx.export(

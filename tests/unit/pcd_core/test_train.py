@@ -110,3 +110,20 @@ def test_rng_state_round_trips():
     restore_rng(state)
     b = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_pcd_at_the_pre_activation_tap_distils_another_feature(data_root: Path, tmp_path: Path):
+    """``tap: head_preact`` reads the head's signed batch-norm output: same model, same seed,
+    a PCD loss of its own at the first step (not the post-ReLU tap's)."""
+    run(make_spec(spec_dict(data_root, iterations=1)), tmp_path / "t", export_formats=ONLY_WEIGHTS)
+    first: dict[str, float] = {}
+    for tap in ("head", "head_preact"):
+        d = pcd_dict(data_root, tmp_path / "t", iterations=2, log_every=1)
+        d["method"]["tap"] = tap
+        rec = Recorder()
+        run(make_spec(d), tmp_path / tap, callbacks=[rec], export_formats=ONLY_WEIGHTS)
+        losses = rec.losses()
+        assert [i for i, _ in losses] == [1, 2]
+        first[tap] = losses[0][1]["pcd"]
+        assert all(0 < lo["pcd"] < float("inf") for _, lo in losses), losses
+    assert first["head"] != pytest.approx(first["head_preact"], rel=1e-3), first
