@@ -60,6 +60,8 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "match": [{}, {"method.match": "identity"}],
     "rematch_every": [{}, {"method.rematch_every": 100}, {"method.rematch_every": 25}],
     "score_weighting": [{}, {"method.score_weighting": True}],
+    # four times the scoring data: class means of rare classes from 8 batches are noisy
+    "score_batches": [{}, {"method.score_batches": 32}],
     "tap": [{}, {"method.tap": "backbone"}, {"method.tap": "head_preact"}],
     "weight": [{}, {"method.weight": 0.3}, {"method.weight": 3.0}, {"method.weight": 10.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
