@@ -28,21 +28,14 @@ import torch
 from bench._common import machine_facts, write_json
 from pcd_core import distributed as D
 from pcd_core.checkpoint import load_checkpoint
-from pcd_core.components import build_models
-from pcd_core.data import build_dataset
-from pcd_core.reproducible import seed_everything
 from pcd_core.spec import RunSpec
-from pcd_core.train import scoring_pass
+from pcd_core.train import scoring_pass, seeded_models_and_data
 
 
 def kept_channels(raw: dict[str, Any], batches: int, info: D.DistInfo) -> list[int]:
     """The kept teacher channels of ``raw``'s PCD run with ``batches`` scoring batches."""
     spec = RunSpec.model_validate({**raw, "method": {**raw["method"], "score_batches": batches}})
-    # As train.run does before its scoring pass: with num_workers 0 the items draw from the
-    # global generator, which the seeding and the student's initialisation leave where it is.
-    seed_everything(spec.train.seed, spec.train.deterministic)
-    models = build_models(spec, info.device)
-    train_ds = build_dataset(spec.dataset, spec.dataset.train_split, train=True)
+    models, train_ds = seeded_models_and_data(spec, info)  # as train.run starts
     scoring_pass(spec, models, train_ds, info)
     return [int(c) for c in models.method.kept.tolist()]  # type: ignore[union-attr,operator]
 
@@ -52,7 +45,7 @@ def overlap(run_dir: Path, batches: list[int], info: D.DistInfo) -> dict[str, An
     if raw["method"]["name"] != "pcd":
         raise SystemExit(f"{run_dir}: not a PCD run")
     kept = {b: kept_channels(raw, b, info) for b in batches}
-    own = int(raw["method"].get("score_batches", 8))
+    own = RunSpec.model_validate(raw).method.score_batches
     trained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["method"]["kept"].tolist()
     first = set(kept[batches[0]])
     return {

@@ -173,6 +173,16 @@ def restore_state(ckpt: dict[str, Any], models: Models, state: _State) -> None:
     state.eval_pending = bool(ckpt.get("eval_pending", False))
 
 
+def seeded_models_and_data(spec: RunSpec, info: D.DistInfo) -> tuple[Models, Any]:
+    """Seed, build the models (student initialised, teacher loaded) and the train dataset:
+    what a run does before its scoring pass, in that order. With ``num_workers`` 0 the scoring
+    items draw from the global generator where seeding and initialisation left it, so
+    replaying a run's scoring pass (bench/kept_overlap.py) must start from here too."""
+    seed_everything(spec.train.seed + info.rank, spec.train.deterministic)
+    models = build_models(spec, info.device)
+    return models, build_dataset(spec.dataset, spec.dataset.train_split, train=True)
+
+
 def scoring_pass(spec: RunSpec, models: Models, train_ds: Any, info: D.DistInfo,
                  cbs: Callback | None = None) -> dict:
     """The method's scoring pass over ``score_batches`` training batches (PCD only).
@@ -325,8 +335,7 @@ def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: 
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
-    seed_everything(tr.seed + info.rank, tr.deterministic)
-    models = build_models(spec, info.device)
+    models, train_ds = seeded_models_and_data(spec, info)
     class_weights = resolve_class_weights(spec)
     if class_weights is not None:
         models.class_weights = torch.tensor(class_weights, device=info.device)
@@ -334,7 +343,6 @@ def _run(spec: RunSpec, out: Path, info: D.DistInfo, cbs: CallbackList, resume: 
     models.scheduler = build_scheduler(models.optimizer, tr)
     amp = amp_dtype_for(spec, info.device)
     models.scaler = torch.amp.GradScaler(info.device.type, enabled=amp is torch.float16)
-    train_ds = build_dataset(spec.dataset, spec.dataset.train_split, train=True)
     val_ds = build_eval_dataset(spec.dataset, spec.dataset.val_split, tr.max_eval_images)
     loader = build_loader(train_ds, batch_size=tr.batch_size, shuffle=True,
                           num_workers=tr.num_workers, seed=tr.seed, drop_last=True,
