@@ -44,6 +44,7 @@ def overlap(run_dir: Path, batches: list[int], info: D.DistInfo) -> dict[str, An
     raw = json.loads((run_dir / "spec.json").read_text())
     if raw["method"]["name"] != "pcd":
         raise SystemExit(f"{run_dir}: not a PCD run")
+    batches = list(dict.fromkeys(batches))  # a budget named twice would compare with itself
     kept = {b: kept_channels(raw, b, info) for b in batches}
     own = RunSpec.model_validate(raw).method.score_batches
     trained = load_checkpoint(run_dir / "checkpoints" / "last.pt")["method"]["kept"].tolist()
