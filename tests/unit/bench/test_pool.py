@@ -44,6 +44,9 @@ def test_pairs_are_within_a_teacher_and_a_seed() -> None:
     assert gain["mean"] == pytest.approx((3 + 1 + 5) / 3)
     assert gain["se"] == pytest.approx(2 / math.sqrt(3))  # stdev of 3, 1, 5 is 2
     assert [t["mean"] for t in gain["per_teacher"]] == pytest.approx([2.0, 5.0])
+    # each teacher once: the mean of 2 and 5, s.e. stdev(2, 5) / sqrt(2) = 1.5
+    assert gain["teacher_mean"] == pytest.approx(3.5)
+    assert gain["teacher_se"] == pytest.approx(1.5)
     assert left_out == {"a.json": 0, "b.json": 0} and sources == {0.46: ["a.json"],
                                                                   0.47: ["b.json"]}
     assert pool.pooled_gain(runs, STUDENT, "cwd", "none", "miou", 400) is None
