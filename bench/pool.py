@@ -21,8 +21,8 @@ Rules, each there to keep a pair honest:
 - A gain is ``method - baseline`` on the same teacher, student budget and student seed; the
   mean is over those pairs, the standard error is their standard deviation over
   sqrt(pairs). The "by teacher" column weights each teacher once instead (the mean of the
-  per-teacher means, s.e. over teachers): pairs of one teacher are not independent, so
-  that is the conservative reading. Students trained for another number of iterations (``accuracy.py
+  per-teacher means, s.e. over teachers): pairs of one teacher are not independent draws,
+  teachers are. Students trained for another number of iterations (``accuracy.py
   --student-iterations``) are pooled on their own rows, never with the scale's budget.
 """
 
@@ -154,9 +154,9 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
         "baseline": base, "metric": metric, "pairs": len(values), "teachers": len(per_teacher),
         "mean": statistics.fmean(values), "se": standard_error(values),
         # The same gain with each teacher weighted once, its s.e. over teachers: pairs of one
-        # teacher are not independent (they share its quirks, and CE runs, which have no
-        # teacher, are shared by every teacher of a machine kind), so the pair s.e. above is
-        # the optimistic one and this the conservative one.
+        # teacher are not independent draws (they share its quirks, and CE runs, which have
+        # no teacher, are shared by every teacher of a machine kind), so the pair s.e. above
+        # counts more independent evidence than there is; this one counts teachers.
         "teacher_mean": statistics.fmean(teacher_means),
         "teacher_se": standard_error(teacher_means),
         "ahead": sum(v > 0 for v in values),
