@@ -148,7 +148,7 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
     per_teacher: dict[float, list[float]] = defaultdict(list)
     for (teacher, _), v in diffs.items():
         per_teacher[teacher].append(v)
-    teacher_means = [statistics.fmean(vs) for vs in per_teacher.values()]
+    teacher_means = {t: statistics.fmean(vs) for t, vs in sorted(per_teacher.items())}
     return {
         "student": student, "student_iterations": iterations, "method": method,
         "baseline": base, "metric": metric, "pairs": len(values), "teachers": len(per_teacher),
@@ -157,11 +157,11 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
         # teacher are not independent draws (they share its quirks, and CE runs, which have
         # no teacher, are shared by every teacher of a machine kind), so the pair s.e. above
         # counts more independent evidence than there is; this one counts teachers.
-        "teacher_mean": statistics.fmean(teacher_means),
-        "teacher_se": standard_error(teacher_means),
+        "teacher_mean": statistics.fmean(teacher_means.values()),
+        "teacher_se": standard_error(list(teacher_means.values())),
         "ahead": sum(v > 0 for v in values),
-        "per_teacher": [{"teacher_miou": t, "pairs": len(vs), "mean": statistics.fmean(vs)}
-                        for t, vs in sorted(per_teacher.items())],
+        "per_teacher": [{"teacher_miou": t, "pairs": len(per_teacher[t]), "mean": m}
+                        for t, m in teacher_means.items()],
         "by_pair": [{"teacher_miou": t, "seed": seed, "gain": v}
                     for (t, seed), v in sorted(diffs.items())],
     }
