@@ -16,6 +16,7 @@ of the same seeds (train them there first). Runs go through ``bench/_runs.ensure
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "method.weight=1.0), or, for an item with commas, the one alternative "
                    "with exactly those pairs; default all")
     p.add_argument("--threads", type=int, help="torch threads (see accuracy.py --threads)")
+    p.add_argument("--teacher-seed", type=int, default=0,
+                   help="train.seed of the teacher, as accuracy.py --teacher-seed: ablate "
+                   "against the students of that table's teacher")
     args = p.parse_args(argv)
     known = groups_of(args.method)
     args.groups = args.groups or list(known)
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    scale = SCALES[args.scale]
+    scale = dataclasses.replace(SCALES[args.scale], teacher_seed=args.teacher_seed)
     t_arch = TEACHERS[args.scale]
     t_spec = teacher_spec(scale, t_arch)
     t_dir = run_dir(args.runs_dir, scale, t_spec)
