@@ -59,6 +59,9 @@ def part_gradients(parts: dict[str, Tensor], params: list[nn.Parameter]) -> dict
 
 
 def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of two flat gradients, in float64 (float32 sums over millions of entries
+    put a vector's cosine with itself visibly above 1)."""
+    a, b = a.double(), b.double()
     denom = float(a.norm() * b.norm())
     return float(a @ b) / denom if denom > 0 else float("nan")
 
