@@ -14,7 +14,9 @@ batch, as at step 0) or as trained (``last``: the run's last checkpoint, its own
 matching), and on ``--batches`` training batches computes each part's gradient over the
 student's parameters separately: its norm (over the backbone and over the rest, head and
 aux), and its cosine with the CE gradient. Numbers are means over batches of per-batch
-values, since each step's update is made of one batch's gradients. It trains nothing.
+values, since each step's update is made of one batch's gradients. Parts are weighted as
+the run weighted them at that step (a ``linear_decay`` term is 0 at ``last``). It trains
+nothing.
 """
 
 from __future__ import annotations
