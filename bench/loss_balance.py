@@ -22,6 +22,7 @@ nothing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -36,7 +37,9 @@ from torch import Tensor, nn
 from bench._common import machine_facts, write_json
 from pcd_core import distributed as D
 from pcd_core.checkpoint import load_checkpoint
+from pcd_core.components import Models
 from pcd_core.data import build_loader
+from pcd_core.reproducible import preserve_rng
 from pcd_core.spec import RunSpec
 from pcd_core.train import compute_losses, scoring_pass, seeded_models_and_data
 
@@ -68,20 +71,37 @@ def cosine(a: Tensor, b: Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
-def balance(run_dir: Path, state: str, batches: int, info: D.DistInfo) -> dict[str, Any]:
-    """Per-part gradient norms (all, backbone, rest) and cosines with CE, averaged."""
+def balance(run_dir: Path, states: list[str], batches: int,
+            info: D.DistInfo) -> list[dict[str, Any]]:
+    """Per-part gradient norms (all, backbone, rest) and cosines with CE, averaged, for each
+    of ``states`` in order. The models and the scoring pass are built once per run; each
+    state is measured without moving the RNGs, so it sees what it would see alone."""
     raw = json.loads((run_dir / "spec.json").read_text())
     if raw["method"]["name"] != "pcd":
         raise SystemExit(f"{run_dir}: not a PCD run")
     spec = RunSpec.model_validate(raw)
     models, train_ds = seeded_models_and_data(spec, info)  # as train.run starts
     scoring_pass(spec, models, train_ds, info)
-    step = 0
-    if state == "last":
-        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        models.student.load_state_dict(ckpt["model"])
-        models.method.load_state_dict(ckpt["method"])  # kept channels and matching as trained
-        step = int(ckpt["iteration"])
+    rows = []
+    for state in sorted(states, key=STATES.index):  # init measures the fresh student first
+        step = 0
+        if state == "last":
+            ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+            models.student.load_state_dict(ckpt["model"])
+            models.method.load_state_dict(ckpt["method"])  # kept and matching as trained
+            step = int(ckpt["iteration"])
+        with preserve_rng():
+            parts = measure(spec, models, train_ds, step, batches, info)
+        rows.append({"run": run_dir.name, "student": spec.student.arch,
+                     "seed": spec.train.seed, "state": state, "step": step,
+                     "batches": batches, "parts": parts})
+    return rows
+
+
+def measure(spec: RunSpec, models: Models, train_ds: Any, step: int, batches: int,
+            info: D.DistInfo) -> dict[str, dict[str, float]]:
+    """The student's loss parts, their gradients' norms and cosines with CE on ``batches``
+    training batches (a loader of its own seed), each value a mean over batches."""
     models.student.train()
     named = [(n, p) for n, p in models.student.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -90,9 +110,7 @@ def balance(run_dir: Path, state: str, batches: int, info: D.DistInfo) -> dict[s
     loader = build_loader(train_ds, batch_size=spec.train.batch_size, shuffle=True,
                           num_workers=0, seed=spec.train.seed + 104729, drop_last=True)
     per_batch: dict[str, dict[str, list[float]]] = {}
-    for i, (img, target) in enumerate(loader):
-        if i == batches:
-            break
+    for img, target in itertools.islice(loader, batches):
         img, target = img.to(info.device), target.to(info.device)
         # ``step`` never triggers a rematch after the first batch of ``init`` (or at all for
         # ``last``: the checkpoint's matching is restored and ``step`` is its iteration).
@@ -108,12 +126,8 @@ def balance(run_dir: Path, state: str, batches: int, info: D.DistInfo) -> dict[s
             row.setdefault("cos_ce", []).append(cosine(g, grads["ce"]))
             row.setdefault("cos_ce_backbone", []).append(
                 cosine(g[in_backbone], grads["ce"][in_backbone]))
-    return {
-        "run": run_dir.name, "student": spec.student.arch, "seed": spec.train.seed,
-        "state": state, "step": step, "batches": min(batches, len(loader)),
-        "parts": {name: {k: statistics.fmean(v) for k, v in row.items()}
-                  for name, row in per_batch.items()},
-    }
+    return {name: {k: statistics.fmean(v) for k, v in row.items()}
+            for name, row in per_batch.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = D.setup("cpu")
-    rows = [balance(d, s, args.batches, info) for d in args.runs for s in args.at]
+    rows = [row for d in args.runs for row in balance(d, args.at, args.batches, info)]
     print("| run | state | part | loss | grad norm | backbone | head + aux | cos with CE | "
           "cos with CE (backbone) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
