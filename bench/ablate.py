@@ -66,9 +66,12 @@ GROUPS: dict[str, list[dict[str, Any]]] = {
     "tap": [{}, {"method.tap": "backbone"}, {"method.tap": "head_preact"}],
     "weight": [{}, {"method.weight": 0.3}, {"method.weight": 3.0}, {"method.weight": 10.0}],
     "tau": [{}, {"method.tau": 1.0}, {"method.tau": 8.0}],
-    # the whole map up to scale and offset instead of the spatial softmax's peaks
+    # the whole map up to scale and offset instead of the spatial softmax's peaks; or how the
+    # channel's mean response differs between classes, with nothing of where it fires
     "feature_loss": [{}, {"method.feature_loss": "pearson"},
-                     {"method.feature_loss": "pearson", "method.weight": 3.0}],
+                     {"method.feature_loss": "pearson", "method.weight": 3.0},
+                     {"method.feature_loss": "class_profile"},
+                     {"method.feature_loss": "class_profile", "method.weight": 3.0}],
     # the feature term alone (no KD), the default before 2026-12-01, and twice the KD term
     # (its pair is the KD baseline at weight 2, BASELINE_GROUPS "weight")
     "logit_kd": [{}, {"method.logit_kd_weight": 0.0}, PREVIOUS_DEFAULT,

@@ -134,11 +134,14 @@ class MethodSpec(_Strict):
         "hidden activation (head), the same before its ReLU (head_preact), or the backbone's "
         "last stage (backbone)")
     # Added later: the KL of spatial softmaxes passes each matched channel's peaks (where the
-    # map is largest, sharpened by tau); "pearson" passes the whole map up to scale and offset.
-    feature_loss: Literal["spatial_kl", "pearson"] = Field(
+    # map is largest, sharpened by tau); "pearson" passes the whole map up to scale and offset;
+    # "class_profile" passes how the channel's mean response differs between classes (what
+    # the class_gap score kept it for) and nothing of where in the image it fires.
+    feature_loss: Literal["spatial_kl", "pearson", "class_profile"] = Field(
         default="spatial_kl", description="PCD: per matched pair, KL of spatial softmaxes at "
-        "tau (spatial_kl), or 1 - Pearson correlation over spatial locations (pearson; tau "
-        "unused)")
+        "tau (spatial_kl), 1 - Pearson correlation over spatial locations (pearson), or 1 - "
+        "Pearson correlation of the per-class mean responses over the batch's classes "
+        "(class_profile); tau is used by spatial_kl only")
     logit_kd_weight: float = Field(default=0.0, ge=0, description="PCD: pixel-wise logit KD on "
                                    "top of the feature loss; left out: 1")
     # Added later: the feature loss wants a soft temperature (4) while pixel-wise logit KD is

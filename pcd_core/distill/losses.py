@@ -19,12 +19,17 @@ def resize_to(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=list(size), mode="bilinear", align_corners=False)
 
 
+def labels_at(target: Tensor, size: Sequence[int]) -> Tensor:
+    """Labels (B,H,W) nearest-resized to ``size`` (unchanged when already there)."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    resized = F.interpolate(target[:, None].float(), size=list(size), mode="nearest")
+    return resized[:, 0].long()
+
+
 def valid_mask(target: Tensor, ignore_index: int, size: Sequence[int]) -> Tensor:
     """Bool (B,H,W) of labelled pixels, with the labels nearest-resized to ``size`` if needed."""
-    if tuple(target.shape[-2:]) != tuple(size):
-        resized = F.interpolate(target[:, None].float(), size=list(size), mode="nearest")
-        target = resized[:, 0].long()
-    return target != ignore_index
+    return labels_at(target, size) != ignore_index
 
 
 def kd_loss(
@@ -78,6 +83,39 @@ def spatial_pearson_gap(student: Tensor, teacher: Tensor, eps: float = 1e-6) -> 
     return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=eps)
 
 
+def class_profile_gap(
+    student: Tensor, teacher: Tensor, target: Tensor, *, num_classes: int, ignore_index: int,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Per-channel 1 - Pearson correlation of the two maps' class profiles: (C,).
+
+    A channel's class profile is its mean response over the batch's pixels of each class
+    (labels nearest-resized to the maps, ``ignore_index`` left out), over the classes present
+    in the batch: the statistic PCD's ``class_gap`` score ranks teacher channels by. The loss
+    asks a student channel to separate the classes as its matched teacher channel does, at any
+    scale and offset, and weighs a class by its presence, not by its pixel count. In [0, 2];
+    with fewer than two classes present there is no profile, and the loss is 0 (attached to
+    the graph, so the step's backward still reaches every parameter).
+    """
+    c = student.shape[1]
+    labels = labels_at(target, tuple(student.shape[-2:])).reshape(-1)  # (N,) N = B*h*w
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    onehot = F.one_hot(labels.clamp(0, num_classes - 1), num_classes).float()
+    onehot = onehot * valid[:, None]  # (N,K)
+    counts = onehot.sum(dim=0)  # (K,)
+    present = counts > 0
+    s = student.float().transpose(0, 1).reshape(c, -1)  # (C,N)
+    t = teacher.float().transpose(0, 1).reshape(c, -1)
+    if int(present.sum()) < 2:
+        return (s.sum(dim=1) + t.sum(dim=1)) * 0.0
+    onehot, counts = onehot[:, present], counts[present]
+    s_prof = (s @ onehot) / counts  # (C,Kp) class means
+    t_prof = (t @ onehot) / counts
+    s_prof = s_prof - s_prof.mean(dim=1, keepdim=True)
+    t_prof = t_prof - t_prof.mean(dim=1, keepdim=True)
+    return 1.0 - F.cosine_similarity(s_prof, t_prof, dim=1, eps=eps)
+
+
 def l2_normalised_maps(x: Tensor) -> Tensor:
     """(B,C,h,w) -> (C, B*h*w): each channel's maps over the batch as one unit vector."""
     c = x.shape[1]
@@ -86,6 +124,6 @@ def l2_normalised_maps(x: Tensor) -> Tensor:
 
 
 __all__ = [
-    "kd_loss", "l2_normalised_maps", "resize_to", "spatial_kl", "spatial_pearson_gap",
-    "valid_mask",
+    "class_profile_gap", "kd_loss", "l2_normalised_maps", "labels_at", "resize_to",
+    "spatial_kl", "spatial_pearson_gap", "valid_mask",
 ]

@@ -13,8 +13,10 @@
    channels left over are not distilled.
 4. Loss: per matched pair, spatial softmax with temperature tau and KL(teacher || student)
    times tau^2 (or, with ``feature_loss="pearson"``, 1 - the Pearson correlation of the two
-   maps over spatial locations), averaged over pairs and batch (optionally weighted by the
-   teacher channel's normalised score), times ``weight``; plus logit KD (weight
+   maps over spatial locations; with ``"class_profile"``, 1 - the Pearson correlation of the
+   two channels' per-class mean responses over the batch), averaged over pairs and batch
+   (optionally weighted by the teacher channel's normalised score), times ``weight``; plus
+   logit KD (weight
    ``logit_kd_weight``, temperature ``logit_kd_tau``, else ``tau``). The loop scales both by
    the ``weight_schedule`` factor (constant by default), or the logit term by
    ``logit_kd_schedule`` when that is set.
@@ -47,7 +49,13 @@ import torch
 from torch import Tensor, nn
 
 from pcd_core.distill.base import DistillMethod, register_method
-from pcd_core.distill.losses import kd_loss, resize_to, spatial_kl, spatial_pearson_gap
+from pcd_core.distill.losses import (
+    class_profile_gap,
+    kd_loss,
+    resize_to,
+    spatial_kl,
+    spatial_pearson_gap,
+)
 from pcd_core.distill.matching import hungarian, map_similarity
 from pcd_core.distill.scoring import (
     ChannelClassStats,
@@ -283,6 +291,9 @@ class PCD(DistillMethod):
         matched = t.index_select(1, self.assignment)
         if self.spec.feature_loss == "pearson":
             per_pair = spatial_pearson_gap(s, matched)  # (B,P)
+        elif self.spec.feature_loss == "class_profile":
+            per_pair = class_profile_gap(s, matched, target, num_classes=self.num_classes,
+                                         ignore_index=self.ignore_index)  # (P,) whole batch
         else:
             per_pair = spatial_kl(s, matched, self.spec.tau)
         if self.spec.score_weighting:

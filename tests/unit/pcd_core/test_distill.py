@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pcd_core.distill import PCD, build_method, list_methods, register_method, weight_factor
 from pcd_core.distill.base import DistillMethod
+from pcd_core.distill.losses import class_profile_gap
 from pcd_core.distill.scoring import (
     ChannelClassStats,
     channel_scores,
@@ -437,6 +438,60 @@ def test_pearson_feature_loss_matches_hand_computation_and_ignores_scale_and_off
     assert loss.item() == pytest.approx(2.0) and torch.isfinite(flat.grad).all()
 
 
+def hand_class_profile_gap(s: Tensor, t: Tensor, lab: Tensor, k: int) -> list[float]:
+    """1 - Pearson r over present classes of each channel's class means, with numpy."""
+    ss, tt, ll = s.numpy(), t.numpy(), lab.numpy()
+    present = [c for c in range(k) if (ll == c).any()]
+    gaps = []
+    for ch in range(s.shape[1]):
+        sp = [ss[:, ch][ll == c].mean() for c in present]
+        tp = [tt[:, ch][ll == c].mean() for c in present]
+        gaps.append(1.0 - float(np.corrcoef(sp, tp)[0, 1]))
+    return gaps
+
+
+def test_class_profile_feature_loss_matches_hand_computation() -> None:
+    scores = torch.tensor([4.0, 1.0, 3.0, 2.0, 0.5])
+    s, t = torch.randn(2, 3, 6, 7), torch.randn(2, 5, 6, 7)
+    lab = labels(hw=(6, 7), k=4)  # void pixels included: they must not count
+    m = prepared_pcd(scores, cs=3, k=4, match="identity", feature_loss="class_profile",
+                     weight=2.0)
+    matched = [0, 2, 3]  # the top-3 channels, in descending score
+    gaps = hand_class_profile_gap(s, t[:, matched], lab, 4)
+    got = m({"feat": s}, {"feat": t}, lab, 0)["pcd"].item()
+    assert got == pytest.approx(2.0 * sum(gaps) / 3, rel=1e-4)
+    # any scale and offset of the teacher's profile costs nothing, its opposite the most
+    copied = t.index_select(1, m.assignment) * 5.0 + 3.0
+    assert m({"feat": copied}, {"feat": t}, lab, 1)["pcd"].abs() < 1e-5
+    assert m({"feat": -copied}, {"feat": t}, lab, 2)["pcd"].item() == pytest.approx(4.0)
+    # where in the image a channel fires is free: moving pixels within a class changes nothing
+    g = torch.Generator().manual_seed(1)
+    shuffled = s.clone()
+    for c in range(4):
+        where = (lab == c).nonzero(as_tuple=True)
+        perm = torch.randperm(where[0].numel(), generator=g)
+        shuffled[where[0], :, where[1], where[2]] = s[where[0][perm], :, where[1][perm],
+                                                      where[2][perm]]
+    again = m({"feat": shuffled}, {"feat": t}, lab, 3)["pcd"].item()
+    assert again == pytest.approx(got, rel=1e-5)
+    assert not torch.equal(shuffled, s)
+
+
+def test_class_profile_gap_resizes_labels_and_needs_two_classes() -> None:
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    lab = labels(hw=(8, 8), k=3, seed=2)
+    got = class_profile_gap(s, t, lab, num_classes=3, ignore_index=IGNORE)
+    want = hand_class_profile_gap(s, t, lab[:, ::2, ::2], 3)  # nearest: every other pixel
+    assert got.tolist() == pytest.approx(want, rel=1e-4)
+    one_class = torch.full((2, 4, 4), 1)
+    one_class[0, 0, 0] = IGNORE
+    flat = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = class_profile_gap(flat, t, one_class, num_classes=3, ignore_index=IGNORE)
+    assert loss.tolist() == [0.0, 0.0, 0.0]
+    loss.sum().backward()
+    assert flat.grad is not None and torch.isfinite(flat.grad).all()
+
+
 def test_rematch_exactly_at_multiples_of_rematch_every() -> None:
     m = prepared_pcd(torch.rand(8), cs=4, rematch_every=3)
     t, s = torch.randn(2, 8, 4, 4), torch.randn(2, 4, 4, 4)
@@ -591,8 +646,10 @@ def test_pcd_logit_kd_is_the_kd_baseline_at_its_own_temperature(
         {"name": "pcd", "logit_kd_weight": 1.0},
         {"name": "pcd", "adapter": True},
         {"name": "pcd", "feature_loss": "pearson"},
+        {"name": "pcd", "feature_loss": "class_profile"},
     ],
-    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd", "pcd-adapter", "pcd-pearson"],
+    ids=["kd", "cwd-logits", "cwd-features", "pcd+kd", "pcd-adapter", "pcd-pearson",
+         "pcd-class-profile"],
 )
 def test_no_gradient_reaches_the_teacher(kw: dict[str, typing.Any]) -> None:
     teacher = FeatureTeacher()

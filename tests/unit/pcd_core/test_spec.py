@@ -101,11 +101,12 @@ def test_a_later_field_at_its_default_leaves_the_hash_as_before_it_existed():
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": 1.0}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_tau": None}),
                _run_spec(**{**OLD_PCD, "logit_kd_weight": 1.0, "logit_kd_schedule": "constant"}),
-               _run_spec(**{**OLD_PCD, "feature_loss": "pearson"})]
+               _run_spec(**{**OLD_PCD, "feature_loss": "pearson"}),
+               _run_spec(**{**OLD_PCD, "feature_loss": "class_profile"})]
     weighted = _run_spec(**OLD_PCD).model_dump()
     weighted["train"]["class_weights"] = "median_frequency"
     changed.append(RunSpec.model_validate(weighted))
-    assert len({before, *(c.spec_hash() for c in changed)}) == 9
+    assert len({before, *(c.spec_hash() for c in changed)}) == 10
 
 
 def test_feature_loss_is_refused_outside_pcd():
