@@ -22,8 +22,9 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
+
+from pcd_core.distill.losses import labels_at
 
 ScoreKind = Literal["class_gap", "fisher", "l1", "random"]
 _EPS = 1e-12
@@ -58,9 +59,7 @@ class ChannelClassStats:
             raise ValueError(
                 f"teacher tap has {c} channels; the method was built for {self.channels}"
             )
-        if tuple(label.shape[-2:]) != (h, w):
-            label = F.interpolate(label[:, None].float(), size=(h, w), mode="nearest")[:, 0]
-        lab = label.to(self.device).long().reshape(-1)  # (N,), N = B*h*w
+        lab = labels_at(label, (h, w)).to(self.device).long().reshape(-1)  # (N,), N = B*h*w
         x = feat.to(self.device, torch.float64).transpose(0, 1).reshape(c, -1)  # (C,N)
         self.abs_sum += x.abs().sum(dim=1)
         self.pixels += x.shape[1]
