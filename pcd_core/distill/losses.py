@@ -95,7 +95,8 @@ def class_profile_gap(
     asks a student channel to separate the classes as its matched teacher channel does, at any
     scale and offset, and weighs a class by its presence, not by its pixel count. In [0, 2];
     with fewer than two classes present there is no profile, and the loss is 0 (attached to
-    the graph, so the step's backward still reaches every parameter).
+    the graph, so the step's backward still reaches every parameter). Under DDP each rank
+    takes the profiles of its own batch, as every other per-batch loss here does.
     """
     c = student.shape[1]
     labels = labels_at(target, tuple(student.shape[-2:])).reshape(-1)  # (N,) N = B*h*w

@@ -16,10 +16,9 @@
    maps over spatial locations; with ``"class_profile"``, 1 - the Pearson correlation of the
    two channels' per-class mean responses over the batch), averaged over pairs and batch
    (optionally weighted by the teacher channel's normalised score), times ``weight``; plus
-   logit KD (weight
-   ``logit_kd_weight``, temperature ``logit_kd_tau``, else ``tau``). The loop scales both by
-   the ``weight_schedule`` factor (constant by default), or the logit term by
-   ``logit_kd_schedule`` when that is set.
+   logit KD (weight ``logit_kd_weight``, temperature ``logit_kd_tau``, else ``tau``). The
+   loop scales both by the ``weight_schedule`` factor (constant by default), or the logit
+   term by ``logit_kd_schedule`` when that is set.
 
 With ``adapter`` (our addition, not in DESIGN.md), steps 3-4 change: a 1x1 conv maps the
 student's Cs channels to the K kept channels and the loss pairs adapter output k with kept
