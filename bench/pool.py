@@ -22,8 +22,10 @@ Rules, each there to keep a pair honest:
   mean is over those pairs, the standard error is their standard deviation over
   sqrt(pairs). The "by teacher" column weights each teacher once instead (the mean of the
   per-teacher means, s.e. over teachers): pairs of one teacher are not independent draws,
-  teachers are. Students trained for another number of iterations (``accuracy.py
-  --student-iterations``) are pooled on their own rows, never with the scale's budget.
+  teachers are; its 95 % interval is Student's t over teachers (teachers - 1 degrees of
+  freedom), the one range a target can be read against. Students trained for another
+  number of iterations (``accuracy.py --student-iterations``) are pooled on their own rows,
+  never with the scale's budget.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -149,6 +153,8 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
     for (teacher, _), v in diffs.items():
         per_teacher[teacher].append(v)
     teacher_means = {t: statistics.fmean(vs) for t, vs in sorted(per_teacher.items())}
+    teacher_mean = statistics.fmean(teacher_means.values())
+    teacher_se = standard_error(list(teacher_means.values()))
     return {
         "student": student, "student_iterations": iterations, "method": method,
         "baseline": base, "metric": metric, "pairs": len(values), "teachers": len(per_teacher),
@@ -157,8 +163,9 @@ def pooled_gain(runs: Runs, student: str, method: str, base: str, metric: str,
         # teacher are not independent draws (they share its quirks, and CE runs, which have
         # no teacher, are shared by every teacher of a machine kind), so the pair s.e. above
         # counts more independent evidence than there is; this one counts teachers.
-        "teacher_mean": statistics.fmean(teacher_means.values()),
-        "teacher_se": standard_error(list(teacher_means.values())),
+        "teacher_mean": teacher_mean,
+        "teacher_se": teacher_se,
+        "teacher_ci95": interval95(teacher_mean, teacher_se, len(teacher_means)),
         "ahead": sum(v > 0 for v in values),
         "per_teacher": [{"teacher_miou": t, "pairs": len(per_teacher[t]), "mean": m}
                         for t, m in teacher_means.items()],
@@ -171,6 +178,16 @@ def standard_error(values: list[float]) -> float:
     """Standard deviation over sqrt(n); nan for a single value (no spread to measure)."""
     n = len(values)
     return statistics.stdev(values) / math.sqrt(n) if n > 1 else float("nan")
+
+
+def interval95(mean: float, se: float, n: int) -> list[float]:
+    """Two-sided 95 % interval of a mean of ``n`` independent draws, Student's t with n - 1
+    degrees of freedom: with seven teachers it is 2.45 s.e. wide on each side, not the 1.96 of
+    a normal, and that width is what a target has to clear. nan ends for fewer than 2 draws."""
+    if n < 2:
+        return [float("nan"), float("nan")]
+    half = float(stats.t.ppf(0.975, n - 1)) * se
+    return [mean - half, mean + half]
 
 
 def pooled_gains(runs: Runs, metrics: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -193,12 +210,14 @@ def render(gains: list[dict[str, Any]]) -> str:
     rows = [[g["student"], g["student_iterations"],
              f"{label[g['method']]} - {label[g['baseline']]}", g["metric"],
              g["pairs"], g["teachers"], f"{g['mean']:+.2f}", f"{g['se']:.2f}",
-             f"{g['teacher_mean']:+.2f} ± {g['teacher_se']:.2f}", f"{g['ahead']}/{g['pairs']}",
+             f"{g['teacher_mean']:+.2f} ± {g['teacher_se']:.2f}",
+             "[{:+.2f}, {:+.2f}]".format(*g["teacher_ci95"]), f"{g['ahead']}/{g['pairs']}",
              ", ".join(f"{100 * t['teacher_miou']:.2f}: {t['mean']:+.2f} ({t['pairs']})"
                        for t in g["per_teacher"])]
             for g in gains]
     return markdown_table(["student", "iterations", "gain", "metric", "pairs", "teachers",
-                           "mean", "s.e.", "by teacher (mean ± s.e.)", "ahead",
+                           "mean", "s.e.", "by teacher (mean ± s.e.)",
+                           "by teacher, 95 % interval", "ahead",
                            "per teacher (teacher mIoU: mean (pairs))"], rows)
 
 

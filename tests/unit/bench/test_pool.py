@@ -47,6 +47,8 @@ def test_pairs_are_within_a_teacher_and_a_seed() -> None:
     # each teacher once: the mean of 2 and 5, s.e. stdev(2, 5) / sqrt(2) = 1.5
     assert gain["teacher_mean"] == pytest.approx(3.5)
     assert gain["teacher_se"] == pytest.approx(1.5)
+    # two teachers: t(0.975, 1 degree of freedom) = 12.706, so 3.5 ± 12.706 * 1.5
+    assert gain["teacher_ci95"] == pytest.approx([3.5 - 19.0593, 3.5 + 19.0593], abs=1e-3)
     assert left_out == {"a.json": 0, "b.json": 0} and sources == {0.46: ["a.json"],
                                                                   0.47: ["b.json"]}
     assert pool.pooled_gain(runs, STUDENT, "cwd", "none", "miou", 400) is None
@@ -178,3 +180,10 @@ def test_per_class_gains_pair_each_class_and_print_a_class_table(
     # without the flag the file keeps its old shape
     assert pool.main([str(src), "--out", str(out)]) == 0
     assert "per_class_gains" not in json.loads(out.read_text())
+
+
+def test_the_95_interval_is_students_t_over_teachers_and_undefined_for_one() -> None:
+    # five teachers, 4 degrees of freedom: t = 2.7764
+    assert pool.interval95(2.0, 0.5, 5) == pytest.approx([2.0 - 1.3882, 2.0 + 1.3882],
+                                                         abs=1e-4)
+    assert all(math.isnan(v) for v in pool.interval95(2.0, float("nan"), 1))
