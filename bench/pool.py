@@ -205,13 +205,18 @@ def display_name(path: Path) -> str:
     return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
+def interval_text(ends: list[float]) -> str:
+    """``[lo, hi]`` in signed points; blank where one teacher leaves no interval."""
+    return "" if any(math.isnan(e) for e in ends) else "[{:+.2f}, {:+.2f}]".format(*ends)
+
+
 def render(gains: list[dict[str, Any]]) -> str:
     label = accuracy.LABEL
     rows = [[g["student"], g["student_iterations"],
              f"{label[g['method']]} - {label[g['baseline']]}", g["metric"],
              g["pairs"], g["teachers"], f"{g['mean']:+.2f}", f"{g['se']:.2f}",
              f"{g['teacher_mean']:+.2f} ± {g['teacher_se']:.2f}",
-             "[{:+.2f}, {:+.2f}]".format(*g["teacher_ci95"]), f"{g['ahead']}/{g['pairs']}",
+             interval_text(g["teacher_ci95"]), f"{g['ahead']}/{g['pairs']}",
              ", ".join(f"{100 * t['teacher_miou']:.2f}: {t['mean']:+.2f} ({t['pairs']})"
                        for t in g["per_teacher"])]
             for g in gains]

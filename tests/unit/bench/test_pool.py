@@ -187,3 +187,5 @@ def test_the_95_interval_is_students_t_over_teachers_and_undefined_for_one() -> 
     assert pool.interval95(2.0, 0.5, 5) == pytest.approx([2.0 - 1.3882, 2.0 + 1.3882],
                                                          abs=1e-4)
     assert all(math.isnan(v) for v in pool.interval95(2.0, float("nan"), 1))
+    assert pool.interval_text([-0.2, 1.875]) == "[-0.20, +1.88]"
+    assert pool.interval_text(pool.interval95(2.0, float("nan"), 1)) == ""
