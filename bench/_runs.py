@@ -163,30 +163,43 @@ def score_dir(out: Path, scale: Scale) -> dict[str, Any]:
     cache = out / SCORE_FILE
     if cache.is_file():
         return json.loads(cache.read_text())
+    from pcd_core.export import load_student
+
+    model, meta = load_student(out)
+    doc = score_model(model, scale)
+    doc["arch"] = meta["arch"]
+    write_json(cache, doc)
+    return doc
+
+
+def score_model(model: Any, scale: Scale) -> dict[str, Any]:
+    """:func:`score_dir`'s metrics for a model in memory (bench/precise_bn.py scores the same
+    weights again after recomputing their BN statistics)."""
     import torch
 
     from pcd_core.distributed import DistInfo
-    from pcd_core.evaluate import build_eval_dataset, evaluate
-    from pcd_core.export import load_student
-    from pcd_core.spec import DatasetSpec
+    from pcd_core.evaluate import evaluate
 
-    model, meta = load_student(out)
-    ds = build_eval_dataset(DatasetSpec.model_validate(dataset_dict(scale)), "val", None)
     device = torch.device("cuda" if _cuda() else "cpu")
     t0 = time.perf_counter()
-    m = evaluate(model.to(device), ds, num_classes=len(CAMVID_CLASSES),
+    m = evaluate(model.to(device), val_dataset(scale), num_classes=len(CAMVID_CLASSES),
                  ignore_index=IGNORE_INDEX, batch_size=8,
                  info=DistInfo(0, 1, 0, device), class_names=CAMVID_CLASSES)
     iou = m["per_class_iou"]
-    doc = {
+    return {
         "miou": m["miou"], "per_class_iou": iou, "boundary_f": m["boundary_f"],
         "pixel_acc": m["pixel_acc"], "thin_miou": sum(iou[c] for c in THIN_CLASSES) / 4,
         "params": count_params(model.cpu()), "flops": count_flops(model.cpu(), scale.eval_hw),
         "eval_hw": list(scale.eval_hw), "eval_s": time.perf_counter() - t0,
-        "arch": meta["arch"],
     }
-    write_json(cache, doc)
-    return doc
+
+
+def val_dataset(scale: Scale, split: str = "val") -> Any:
+    """CamVid ``split`` at the scale's resolution with the eval transform (resize, normalise)."""
+    from pcd_core.evaluate import build_eval_dataset
+    from pcd_core.spec import DatasetSpec
+
+    return build_eval_dataset(DatasetSpec.model_validate(dataset_dict(scale)), split, None)
 
 
 def run_scores(out: Path, scale: Scale, *, recorded: bool = False) -> dict[str, Any] | None:
